@@ -1,0 +1,58 @@
+"""One settings object for every component (env prefix ``DICOM_ROUTER_``).
+
+Defaults describe the embedded single-machine stack; pointing the same code at AWS S3, MinIO or Ceph,
+or at a remote MLflow, is a matter of setting variables, never of editing code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout this package was installed from (editable install); used only for the shared-data default."""
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "dicom-router"
+
+
+class Settings(BaseSettings):
+    """Configuration of every stage; each field is also the variable ``DICOM_ROUTER_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="DICOM_ROUTER_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Everything the embedded stack keeps: state, logs, generated credentials and keys, bucket files."""
+
+    shared_dir: Path = REPO_ROOT.parent / "shared"
+    """Research-licensed sample data used by tests and benchmarks (read in place, never copied)."""
+    require_shared: bool = False
+    """When set (CI), tests that need ``shared_dir`` fail instead of skipping."""
+
+    s3_endpoint_url: str | None = None
+    """S3 endpoint; empty means the embedded ``rclone serve s3`` of the local stack."""
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "dicom-router"
+    s3_port: int = 0
+    """Port of the embedded S3 server; 0 picks a free one at first start and keeps it."""
+
+    deid_key: SecretStr | None = None
+    """Key of the keyed-hash pseudonyms; empty means a key generated once and kept in ``data_dir``."""
+
+    header_range_bytes: int = 64 * 1024
+    """First ranged read of an object during ingest; grown only when a header is longer."""
+    max_image_pixels: int = 64_000_000
+    """Rows x columns x samples above which decoding refuses with ``ImageTooLarge``."""
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
+    """Processes for ingest and decoding."""
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"

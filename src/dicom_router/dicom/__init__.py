@@ -1,0 +1,1 @@
+"""DICOM reading: typed errors, pixel decoding, header records and de-identification."""
