@@ -55,4 +55,10 @@ class Settings(BaseSettings):
 
     @property
     def secrets_dir(self) -> Path:
+        """Generated credentials and keys (mode 0700); back it up with the deployment."""
         return self.data_dir / "secrets"
+
+    @property
+    def stack_dir(self) -> Path:
+        """State and logs of the embedded stack's processes."""
+        return self.data_dir / "stack"

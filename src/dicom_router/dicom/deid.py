@@ -1,0 +1,157 @@
+"""De-identification: keyed-hash pseudonyms and the header fields that may leave ingest.
+
+Pseudonyms are HMAC-SHA256 under a per-deployment key, so they are stable across runs (the same
+patient or scanner always maps to the same id) yet cannot be reversed or recomputed without the key.
+Names, IDs, birth dates, accession numbers and free text never leave this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dicom_router.config import Settings
+
+PSEUDONYM_HEX = 16
+"""64 bits: collision-free for any archive size this routes, short enough to read in a table."""
+AGE_CAP_YEARS = 90.0
+"""HIPAA Safe Harbor: ages over 89 are reported as 90."""
+
+
+def load_key(settings: Settings) -> bytes:
+    """The deployment's pseudonym key: from settings, else generated once and kept in ``secrets_dir``."""
+    if settings.deid_key is not None:
+        return settings.deid_key.get_secret_value().encode()
+    path = settings.secrets_dir / "deid.key"
+    if not path.is_file():
+        _write_secret(path, secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def pseudonym(key: bytes, kind: str, *parts: str) -> str:
+    """Keyed hash of ``parts`` in namespace ``kind`` (a site and a patient with equal text differ)."""
+    message = "\x1f".join((kind, *parts)).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def site_id(key: bytes, ds: Dataset) -> str | None:
+    """Keyed hash of InstitutionName (fallback StationName), as the contract defines it."""
+    name = _text(ds, "InstitutionName") or _text(ds, "StationName")
+    return pseudonym(key, "site", name.upper()) if name else None
+
+
+def scanner_id(key: bytes, ds: Dataset) -> str | None:
+    """Keyed hash of (Manufacturer, ManufacturerModelName, DeviceSerialNumber or StationName)."""
+    parts = (
+        _text(ds, "Manufacturer").upper(),
+        _text(ds, "ManufacturerModelName").upper(),
+        (_text(ds, "DeviceSerialNumber") or _text(ds, "StationName")).upper(),
+    )
+    return pseudonym(key, "scanner", *parts) if any(parts) else None
+
+
+def uid_hash(key: bytes, ds: Dataset, keyword: str) -> str | None:
+    uid = _text(ds, keyword)
+    return pseudonym(key, keyword, uid) if uid else None
+
+
+def patient_hash(key: bytes, ds: Dataset) -> str | None:
+    """Keyed hash of PatientID qualified by its issuer (IDs repeat across hospitals)."""
+    pid = _text(ds, "PatientID")
+    return pseudonym(key, "patient", _text(ds, "IssuerOfPatientID"), pid) if pid else None
+
+
+_AGE = re.compile(r"^(\d{1,3})([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_years(ds: Dataset) -> float | None:
+    """PatientAge (AS), else the whole years between birth and study date; capped at 90."""
+    match = _AGE.match(_text(ds, "PatientAge").upper())
+    if match:
+        years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)]
+    else:
+        born, seen = _da(_text(ds, "PatientBirthDate")), _da(_text(ds, "StudyDate"))
+        if born is None or seen is None or seen < born:
+            return None
+        years = float(seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day)))
+    return round(min(years, AGE_CAP_YEARS), 2)
+
+
+def _da(value: str) -> date | None:
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:8])) if len(value) >= 8 else None
+    except ValueError:
+        return None
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def pixel_spacing_mm(ds: Dataset) -> float | None:
+    """Mean of the row and column spacing: PixelSpacing, else ImagerPixelSpacing (detector plane)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            spacing = [float(v) for v in value] if value else []
+        except (TypeError, ValueError):
+            continue
+        if spacing and all(s > 0 for s in spacing):
+            return sum(spacing) / len(spacing)
+    return None
+
+
+def deidentified_fields(key: bytes, ds: Dataset) -> dict[str, Any]:
+    """Every header field of a catalog row: pseudonyms and non-identifying acquisition facts only."""
+    frames = ds.get("NumberOfFrames")
+    return {
+        "sop_uid_hash": uid_hash(key, ds, "SOPInstanceUID"),
+        "study_uid_hash": uid_hash(key, ds, "StudyInstanceUID"),
+        "series_uid_hash": uid_hash(key, ds, "SeriesInstanceUID"),
+        "patient_hash": patient_hash(key, ds),
+        "site_id": site_id(key, ds),
+        "scanner_id": scanner_id(key, ds),
+        "sop_class": _text(ds, "SOPClassUID"),
+        "modality": _text(ds, "Modality"),
+        "manufacturer": _text(ds, "Manufacturer"),
+        "model_name": _text(ds, "ManufacturerModelName"),
+        "rows": int(ds.Rows) if ds.get("Rows") else None,
+        "columns": int(ds.Columns) if ds.get("Columns") else None,
+        "bits_stored": int(ds.BitsStored) if ds.get("BitsStored") else None,
+        "frames": int(frames) if frames else 1,
+        "photometric": _text(ds, "PhotometricInterpretation"),
+        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
+        "pixel_spacing": pixel_spacing_mm(ds),
+        "kvp": _number(ds, "KVP"),
+        "exposure": _number(ds, "Exposure"),
+        "view_position": _text(ds, "ViewPosition"),
+        "sex": _text(ds, "PatientSex").upper()[:1] or None,
+        "age_years": age_years(ds),
+    }

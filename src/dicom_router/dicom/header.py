@@ -1,0 +1,126 @@
+"""Parsing DICOM bytes into a pydicom dataset, whole or header-only, with typed errors.
+
+pydicom reads truncated input silently (a value cut short, or a data set that just ends), so the checks
+that turn that into ``Truncated`` live here, once, for the decoder and for ingest's ranged reads alike.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom_router.dicom.errors import NotDicom, Truncated
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _read(data: bytes, path: str, *, stop_before_pixels: bool) -> tuple[Dataset, int]:
+    """dcmread from memory; returns the data set and where reading stopped."""
+    if not data:
+        raise NotDicom(path, "empty input")
+    buf = io.BytesIO(data)
+    try:
+        ds = pydicom.dcmread(buf, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        # No preamble/DICM prefix: a bare data set is still DICOM if it parses into known elements.
+        buf.seek(0)
+        try:
+            ds = pydicom.dcmread(buf, force=True, stop_before_pixels=stop_before_pixels)
+        except Exception as exc:  # pydicom raises many types on non-DICOM bytes
+            raise NotDicom(path, f"no DICM prefix and not a bare DICOM data set ({exc})") from None
+        if not _looks_like_dicom(ds):
+            raise NotDicom(path, "no DICM prefix and no recognisable DICOM elements") from None
+    except (EOFError, OSError) as exc:
+        raise Truncated(path, f"input ends inside the file meta information ({exc})") from None
+    except Exception as exc:  # malformed element headers surface as ValueError/struct.error/...
+        raise NotDicom(path, f"unreadable DICOM structure: {exc}") from None
+    return ds, buf.tell()
+
+
+def _looks_like_dicom(ds: Dataset) -> bool:
+    try:
+        tags = list(ds.keys())
+    except Exception:
+        return False
+    known = [t for t in tags if t.group in (0x0008, 0x0010, 0x0020, 0x0028, 0x7FE0)]
+    return len(known) >= 2 and all(t.group % 2 == 0 or t.element >= 0x10 for t in known)
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Bare data sets carry no file meta: record the encoding pydicom detected, for the decoders."""
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _cut_short(ds: Dataset) -> str | None:
+    """pydicom keeps a value shorter than its declared length when the input ends inside it."""
+    if not len(ds):
+        return None
+    raw = ds._dict[max(ds.keys())]
+    if (
+        isinstance(raw, RawDataElement)
+        and raw.length != _UNDEFINED_LENGTH
+        and raw.value is not None
+        and len(raw.value) < raw.length
+    ):
+        return f"element {raw.tag} declares {raw.length} bytes but the input ends after {len(raw.value)}"
+    return None
+
+
+def parse(data: bytes, path: str) -> Dataset:
+    """The whole data set, pixel data included; ``NotDicom`` or ``Truncated`` when it can't be had."""
+    ds, _ = _read(data, path, stop_before_pixels=False)
+    if not len(ds):
+        raise Truncated(path, f"input ends after {len(data)} bytes, before the data set")
+    if cut := _cut_short(ds):
+        raise Truncated(path, cut)
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+@dataclass(frozen=True)
+class Header:
+    """A header-only data set, and where its Pixel Data element starts (None: it has none)."""
+
+    dataset: Dataset
+    pixel_offset: int | None
+
+
+def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int) -> Header:
+    """Parse everything before Pixel Data, reading the object's first bytes and growing only as needed.
+
+    ``fetch(n)`` returns the object's first ``n`` bytes (a ranged GET, or a file read); ``size`` is the
+    object's full size. A header longer than ``first`` bytes doubles the range until it fits.
+    """
+    n = min(first, size) if size > 0 else first
+    while True:
+        chunk = fetch(n)
+        whole = len(chunk) >= size
+        try:
+            ds, stopped_at = _read(chunk, path, stop_before_pixels=True)
+        except (NotDicom, Truncated):
+            if whole:
+                raise
+            n = min(n * 2, size)
+            continue
+        reached_pixels = stopped_at < len(chunk)
+        if reached_pixels or whole:
+            if whole and not len(ds):
+                raise Truncated(path, f"input ends after {len(chunk)} bytes, before the data set")
+            if whole and (cut := _cut_short(ds)):
+                raise Truncated(path, cut)
+            _ensure_transfer_syntax(ds)
+            return Header(ds, stopped_at if reached_pixels else None)
+        n = min(n * 2, size)
