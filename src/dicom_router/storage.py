@@ -1,0 +1,224 @@
+"""Object storage behind one small interface: an S3 bucket (any endpoint) or a local folder.
+
+Every stage reads and writes through ``open_location``, so switching from the embedded
+``rclone serve s3`` to AWS S3, MinIO or Ceph is configuration (endpoint, credentials), never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from dicom_router.config import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    """Key relative to the location's prefix (POSIX separators)."""
+    size: int
+    md5: str | None = None
+    """Hex MD5 of the content when the store knows it for free (a single-part S3 ETag)."""
+
+
+class Store(Protocol):
+    """What every stage needs from storage; picklable, so it crosses process pools."""
+
+    @property
+    def uri(self) -> str: ...
+
+    def list(self) -> Iterator[ObjectInfo]: ...
+
+    def read(self, key: str, length: int | None = None) -> bytes:
+        """The object's bytes, or only its first ``length`` bytes (a ranged read)."""
+        ...
+
+    def write(self, key: str, data: bytes) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+
+@dataclass
+class LocalStore:
+    root: Path
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def list(self) -> Iterator[ObjectInfo]:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                yield ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size)
+
+    def read(self, key: str, length: int | None = None) -> bytes:
+        with (self.root / key).open("rb") as f:
+            return f.read() if length is None else f.read(length)
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+
+@dataclass(frozen=True)
+class S3Connection:
+    endpoint_url: str | None
+    access_key_id: str | None
+    secret_access_key: str | None
+    region: str
+
+
+def s3_connection(settings: Settings) -> S3Connection:
+    """Settings first; otherwise the embedded stack's endpoint and generated credentials."""
+    endpoint = settings.s3_endpoint_url
+    key = settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None
+    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    state = settings.stack_dir / "s3.json"
+    creds = settings.secrets_dir / "s3-credentials.json"
+    if endpoint is None and state.is_file():
+        endpoint = json.loads(state.read_text())["endpoint"]
+    if key is None and creds.is_file():
+        stored = json.loads(creds.read_text())
+        key, secret = stored["access_key_id"], stored["secret_access_key"]
+    return S3Connection(endpoint, key, secret, settings.s3_region)
+
+
+def s3_client(conn: S3Connection, pool: int = 10) -> S3Client:
+    config = Config(
+        signature_version="s3v4",
+        # rclone sends the whole object's checksum with ranged GETs: validate only when required.
+        response_checksum_validation="when_required",
+        request_checksum_calculation="when_required",
+        retries={"max_attempts": 5, "mode": "standard"},
+        max_pool_connections=pool,
+        s3={"addressing_style": "path"},
+    )
+    client: S3Client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=conn.endpoint_url,
+        aws_access_key_id=conn.access_key_id,
+        aws_secret_access_key=conn.secret_access_key,
+        region_name=conn.region,
+        config=config,
+    )
+    return client
+
+
+_CLIENTS: dict[tuple[int, S3Connection], S3Client] = {}
+
+
+def cached_client(conn: S3Connection) -> S3Client:
+    """One client per process and endpoint: creating one costs ~50 ms, and they must not cross a fork."""
+    key = (os.getpid(), conn)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = s3_client(conn)
+    return _CLIENTS[key]
+
+
+@dataclass(frozen=True)
+class S3Store:
+    conn: S3Connection
+    bucket: str
+    prefix: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def client(self) -> S3Client:
+        return cached_client(self.conn)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{key}" if self.prefix.strip("/") else key
+
+    def list(self) -> Iterator[ObjectInfo]:
+        base = self.prefix.strip("/")
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else ""):
+            for obj in page.get("Contents", []):
+                etag = obj.get("ETag", "").strip('"')
+                rel = obj["Key"][len(base) + 1 :] if base else obj["Key"]
+                md5 = etag if len(etag) == 32 and "-" not in etag else None
+                yield ObjectInfo(rel, int(obj.get("Size", 0)), md5)
+
+    def read(self, key: str, length: int | None = None) -> bytes:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if length is not None:
+            kwargs["Range"] = f"bytes=0-{max(length, 1) - 1}"
+        body: bytes = self.client.get_object(**kwargs)["Body"].read()
+        return body
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def open_store(uri: str, settings: Settings) -> LocalStore | S3Store:
+    """``s3://bucket/prefix`` or a local folder."""
+    if is_s3(uri):
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"no bucket in {uri!r}")
+        return S3Store(s3_connection(settings), bucket, prefix.strip("/"))
+    return LocalStore(Path(uri))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """A file URI → (its folder's URI, its name), for writing one object beside others."""
+    head, _, name = uri.rstrip("/").rpartition("/")
+    if not name:
+        raise ValueError(f"no file name in {uri!r}")
+    return head or ".", name
+
+
+def read_uri(uri: str, settings: Settings) -> bytes:
+    folder, name = split_uri(uri)
+    return open_store(folder, settings).read(name)
+
+
+def write_uri(uri: str, data: bytes, settings: Settings) -> None:
+    folder, name = split_uri(uri)
+    open_store(folder, settings).write(name, data)
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
