@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import UID, JPEG2000Lossless, RLELossless
 
 from dicom_router.dicom.decode import decode_bytes, window
 from dicom_router.dicom.errors import (
@@ -228,7 +228,7 @@ def test_a_structured_report_raises_no_pixel_data(dicom_corpus: Path) -> None:
 
 def test_an_unknown_transfer_syntax_raises_unsupported_transfer_syntax() -> None:
     ds = dicom_dataset(np.zeros((2, 2), dtype=np.uint16))
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no pydicom decoder exists
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no pydicom decoder exists
     ds.PixelData = encapsulate([b"\x00" * 8])
     with pytest.raises(UnsupportedTransferSyntax, match="MPEG2"):
         _decode(to_bytes(ds))

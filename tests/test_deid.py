@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_site_falls_back_to_station_and_scanner_uses_serial_or_station() -> None
     ],
 )
 def test_age_comes_from_patient_age_or_dates_and_is_capped(
-    elements: dict[str, str], expected: float | None
+    elements: dict[str, Any], expected: float | None
 ) -> None:
     assert age_years(dicom_dataset(np.zeros((2, 2), np.uint16), **elements)) == expected
 

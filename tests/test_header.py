@@ -66,3 +66,12 @@ def test_a_header_of_text_is_not_dicom() -> None:
     _, fetch = _reader(data)
     with pytest.raises(NotDicom):
         read_header(fetch, len(data), "notes.dcm", first=256)  # type: ignore[arg-type]
+
+
+def test_a_cut_object_is_truncated_from_its_header_alone() -> None:
+    data = dicom_bytes(np.zeros((256, 256), dtype=np.uint16))
+    cut = data[: len(data) // 2]
+    asked, fetch = _reader(cut)
+    with pytest.raises(Truncated, match="Pixel Data declares 131072 bytes"):
+        read_header(fetch, len(cut), "cut.dcm", first=4096)  # type: ignore[arg-type]
+    assert asked == [4096]

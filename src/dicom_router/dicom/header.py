@@ -7,6 +7,7 @@ that turn that into ``Truncated`` live here, once, for the decoder and for inges
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,12 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicom_router.dicom.errors import NotDicom, Truncated
 
@@ -92,9 +98,10 @@ def parse(data: bytes, path: str) -> Dataset:
 
 @dataclass(frozen=True)
 class Header:
-    """A header-only data set, and where its Pixel Data element starts (None: it has none)."""
+    """A header-only data set; where its Pixel Data element starts, when the bytes say (None: unknown)."""
 
     dataset: Dataset
+    has_pixels: bool
     pixel_offset: int | None
 
 
@@ -102,7 +109,9 @@ def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int)
     """Parse everything before Pixel Data, reading the object's first bytes and growing only as needed.
 
     ``fetch(n)`` returns the object's first ``n`` bytes (a ranged GET, or a file read); ``size`` is the
-    object's full size. A header longer than ``first`` bytes doubles the range until it fits.
+    object's full size. A header longer than ``first`` bytes doubles the range until it fits. The Pixel
+    Data element's declared length is checked against ``size``, so a cut object is ``Truncated`` without
+    reading its pixels.
     """
     n = min(first, size) if size > 0 else first
     while True:
@@ -115,12 +124,49 @@ def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int)
                 raise
             n = min(n * 2, size)
             continue
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # The data set is one zlib stream: positions mean nothing, so read it whole.
+            if not whole:
+                n = size
+                continue
+            full = parse(chunk, path)
+            return Header(full, "PixelData" in full, None)
         reached_pixels = stopped_at < len(chunk)
-        if reached_pixels or whole:
-            if whole and not len(ds):
-                raise Truncated(path, f"input ends after {len(chunk)} bytes, before the data set")
-            if whole and (cut := _cut_short(ds)):
-                raise Truncated(path, cut)
-            _ensure_transfer_syntax(ds)
-            return Header(ds, stopped_at if reached_pixels else None)
-        n = min(n * 2, size)
+        if reached_pixels:
+            if problem := _pixel_element_problem(chunk, stopped_at, size, ds, whole):
+                raise Truncated(path, problem)
+        elif not whole:
+            n = min(n * 2, size)
+            continue
+        if not len(ds):
+            raise Truncated(path, f"input ends after {len(chunk)} bytes, before the data set")
+        if not reached_pixels and (cut := _cut_short(ds)):
+            raise Truncated(path, cut)
+        _ensure_transfer_syntax(ds)
+        return Header(ds, reached_pixels, stopped_at if reached_pixels else None)
+
+
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_SEQUENCE_DELIMITER = {True: b"\xfe\xff\xdd\xe0", False: b"\xff\xfe\xe0\xdd"}
+
+
+def _pixel_element_problem(chunk: bytes, offset: int, size: int, ds: Dataset, whole: bool) -> str | None:
+    """Does the Pixel Data element at ``offset`` fit in an object of ``size`` bytes?"""
+    implicit, little = ds.original_encoding
+    endian = "<" if little else ">"
+    if implicit:
+        value_start, length_at, fmt = offset + 8, offset + 4, "I"
+    elif chunk[offset + 4 : offset + 6] in _LONG_VRS:
+        value_start, length_at, fmt = offset + 12, offset + 8, "I"
+    else:
+        value_start, length_at, fmt = offset + 8, offset + 6, "H"
+    if len(chunk) < value_start:
+        return None if not whole else "the input ends inside the Pixel Data element header"
+    (length,) = struct.unpack(endian + fmt, chunk[length_at:value_start])
+    if length == _UNDEFINED_LENGTH:
+        if whole and _SEQUENCE_DELIMITER[bool(little)] not in chunk[value_start:]:
+            return "encapsulated Pixel Data has no sequence delimiter: the input ends inside it"
+        return None
+    if value_start + length > size:
+        return f"Pixel Data declares {length} bytes but the object ends after {size - value_start}"
+    return None

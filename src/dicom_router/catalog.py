@@ -1,0 +1,311 @@
+"""Ingest: object storage (or a folder) → de-identified Parquet catalog + QA summary.
+
+Only headers are read (a ranged read of each object's first bytes, grown when a header is longer), in a
+process pool sized to the cores. Every object ends up somewhere a person can see: a catalog row, or the
+QA summary's unreadable list with its typed error; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import Progress
+from rich.table import Table
+
+from dicom_router import LABELS
+from dicom_router.config import Settings
+from dicom_router.dicom.deid import deidentified_fields, load_key
+from dicom_router.dicom.errors import DicomInputError
+from dicom_router.dicom.header import read_header
+from dicom_router.storage import ObjectInfo, Store, md5_hex, open_store, read_uri, write_uri
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("size", pa.int64()),
+        ("sop_uid_hash", pa.string()),
+        ("study_uid_hash", pa.string()),
+        ("series_uid_hash", pa.string()),
+        ("patient_hash", pa.string()),
+        ("site_id", pa.string()),
+        ("scanner_id", pa.string()),
+        ("sop_class", pa.string()),
+        ("modality", pa.string()),
+        ("manufacturer", pa.string()),
+        ("model_name", pa.string()),
+        ("rows", pa.int32()),
+        ("columns", pa.int32()),
+        ("bits_stored", pa.int16()),
+        ("frames", pa.int32()),
+        ("photometric", pa.string()),
+        ("transfer_syntax", pa.string()),
+        ("pixel_spacing", pa.float64()),
+        ("kvp", pa.float64()),
+        ("exposure", pa.float64()),
+        ("view_position", pa.string()),
+        ("sex", pa.string()),
+        ("age_years", pa.float64()),
+        ("has_pixels", pa.bool_()),
+        ("label", pa.string()),
+        ("content_hash", pa.string()),
+        ("pixel_hash", pa.string()),
+    ]
+)
+"""The contract's columns plus a few more; ``label`` is null without ``--labels``."""
+
+REQUIRED_TAGS = (
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "Modality",
+    "Rows",
+    "Columns",
+)
+SIDECAR_SUFFIXES = (".csv", ".md", ".txt", ".json", ".parquet", ".yaml", ".yml")
+"""Files that live beside DICOM in labelled folders; listed in the QA summary as skipped."""
+WHOLE_READ_BYTES = 1 << 20
+"""Objects up to this size are read whole in one GET (the request, not the bytes, is what costs), which
+also gives their MD5 and pixel hash; larger ones get ranged header reads."""
+_CHUNK = 32
+
+
+@dataclass
+class IngestResult:
+    catalog_uri: str
+    qa_uri: str
+    catalog: pd.DataFrame
+    qa: dict[str, Any]
+    errors: list[DicomInputError] = field(default_factory=list)
+
+
+def ingest(
+    source: str, catalog_uri: str, settings: Settings, *, labels_uri: str | None = None, progress: bool = True
+) -> IngestResult:
+    """Catalog every object under ``source`` into ``catalog_uri`` (local path or ``s3://``)."""
+    store = open_store(source, settings)
+    key = load_key(settings)
+    labels_name = labels_uri.rstrip("/").rpartition("/")[2] if labels_uri else "labels.csv"
+    objects, skipped = [], []
+    for info in store.list():
+        name = info.key.rpartition("/")[2]
+        if name.startswith(".") or info.key == labels_name or name.lower().endswith(SIDECAR_SUFFIXES):
+            skipped.append(info.key)
+        else:
+            objects.append(info)
+    rows: list[dict[str, Any]] = []
+    errors: list[DicomInputError] = []
+    for batch_rows, batch_errors in _map_chunks(store, key, objects, settings, progress):
+        rows.extend(batch_rows)
+        errors.extend(batch_errors)
+    rows.sort(key=lambda r: str(r["key"]))
+    errors.sort(key=lambda e: e.path)
+    missing: dict[str, list[str]] = {r["key"]: r.pop("_missing") for r in rows}
+    schema, labels_qa = CATALOG_SCHEMA, {}
+    if labels_uri:
+        labels = read_labels(labels_uri, settings)
+        extras = _carried_columns(labels)
+        labels_qa = _apply_labels(rows, labels, {o.key for o in objects}, extras)
+        for column in extras.values():
+            schema = schema.append(pa.field(column, pa.string()))
+    table = pa.Table.from_pylist(rows, schema=schema)
+    frame = table.to_pandas()
+    qa = qa_summary(frame, errors, missing, skipped, source=store.uri, labels=labels_qa)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_uri(catalog_uri, buf.getvalue(), settings)
+    qa_uri = catalog_uri + ".qa.json"
+    write_uri(qa_uri, json.dumps(qa, indent=2).encode(), settings)
+    return IngestResult(catalog_uri, qa_uri, frame, qa, errors)
+
+
+def _chunks(items: Sequence[ObjectInfo], size: int) -> Iterator[list[ObjectInfo]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _map_chunks(
+    store: Store, key: bytes, objects: Sequence[ObjectInfo], settings: Settings, progress: bool
+) -> Iterator[tuple[list[dict[str, Any]], list[DicomInputError]]]:
+    range_bytes = settings.header_range_bytes
+    chunks = list(_chunks(objects, _CHUNK))
+    with (
+        Progress(disable=not progress, transient=True) as bar,
+        ProcessPoolExecutor(max_workers=max(1, settings.workers)) as pool,
+    ):
+        task = bar.add_task(f"ingest {store.uri}", total=len(objects))
+        futures = [pool.submit(_ingest_chunk, store, key, chunk, range_bytes) for chunk in chunks]
+        for future, chunk in zip(futures, chunks, strict=True):
+            yield future.result()
+            bar.advance(task, len(chunk))
+
+
+def _ingest_chunk(
+    store: Store, key: bytes, chunk: list[ObjectInfo], range_bytes: int
+) -> tuple[list[dict[str, Any]], list[DicomInputError]]:
+    rows, errors = [], []
+    for info in chunk:
+        try:
+            rows.append(catalog_row(store, key, info, range_bytes))
+        except DicomInputError as exc:
+            errors.append(exc)
+    return rows, errors
+
+
+def catalog_row(store: Store, key: bytes, info: ObjectInfo, range_bytes: int) -> dict[str, Any]:
+    """One object → one de-identified row (plus ``_missing``: required tags it lacks)."""
+    path = f"{store.uri.rstrip('/')}/{info.key}"
+    whole: bytes | None = store.read(info.key) if info.size <= WHOLE_READ_BYTES else None
+
+    def fetch(n: int) -> bytes:
+        return whole if whole is not None else store.read(info.key, n if n < info.size else None)
+
+    header = read_header(fetch, info.size, path, first=range_bytes)
+    ds = header.dataset
+    if whole is not None:
+        content_md5: str | None = md5_hex(whole)
+    else:
+        content_md5 = info.md5 or _streamed_md5(store, info)
+    pixel_hash = None
+    if whole is not None and header.pixel_offset is not None:
+        pixel_hash = hashlib.sha256(whole[header.pixel_offset :]).hexdigest()
+    row = {"key": info.key, "size": info.size, **deidentified_fields(key, ds)}
+    row["has_pixels"] = header.has_pixels
+    row["label"] = None
+    row["content_hash"] = f"md5:{content_md5}" if content_md5 else None
+    row["pixel_hash"] = f"sha256:{pixel_hash}" if pixel_hash else None
+    row["_missing"] = [t for t in REQUIRED_TAGS if not str(ds.get(t, "")).strip()] + (
+        [] if row["has_pixels"] else ["PixelData"]
+    )
+    return row
+
+
+def _streamed_md5(store: Store, info: ObjectInfo) -> str | None:
+    """Local files have no ETag; their MD5 costs a read of the file, which is cheap on local disk."""
+    if store.uri.startswith("s3://"):
+        return None
+    return md5_hex(store.read(info.key))
+
+
+def read_labels(uri: str, settings: Settings) -> dict[str, dict[str, str]]:
+    """``labels.csv`` (``file,label`` and any extra columns) → {file: row}."""
+    text = read_uri(uri, settings).decode("utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
+        raise ValueError(f"{uri}: labels need the columns file,label (found {reader.fieldnames})")
+    return {row["file"].strip().lstrip("./"): row for row in reader}
+
+
+def _carried_columns(labels: dict[str, dict[str, str]]) -> dict[str, str]:
+    """labels.csv's optional columns (site, source, ...) → catalog column names (prefixed on a clash)."""
+    first = next(iter(labels.values()), {})
+    return {
+        c: (f"labels_{c}" if c in CATALOG_SCHEMA.names else c) for c in first if c not in ("file", "label")
+    }
+
+
+def _apply_labels(
+    rows: list[dict[str, Any]], labels: dict[str, dict[str, str]], listed: set[str], extras: dict[str, str]
+) -> dict[str, Any]:
+    """Set each row's label and carried columns; report what doesn't match (unknown or missing label,
+    label for no object)."""
+    invalid, unlabelled = [], []
+    for row in rows:
+        entry = labels.get(row["key"])
+        for source, column in extras.items():
+            row[column] = (entry.get(source) or None) if entry else None
+        if entry is None:
+            unlabelled.append(row["key"])
+        elif (label := entry["label"].strip()) in LABELS:
+            row["label"] = label
+        else:
+            invalid.append({"key": row["key"], "label": label})
+    return {
+        "labelled": sum(r["label"] is not None for r in rows),
+        "unlabelled": unlabelled,
+        "invalid_labels": invalid,
+        "labels_without_object": sorted(set(labels) - listed),
+    }
+
+
+def _duplicates(frame: pd.DataFrame, column: str) -> list[list[str]]:
+    groups: defaultdict[str, list[str]] = defaultdict(list)
+    for value, key in zip(frame[column], frame["key"], strict=True):
+        if isinstance(value, str):
+            groups[value].append(key)
+    return sorted(sorted(keys) for keys in groups.values() if len(keys) > 1)
+
+
+def qa_summary(
+    frame: pd.DataFrame,
+    errors: Iterable[DicomInputError],
+    missing: dict[str, list[str]],
+    skipped: list[str],
+    *,
+    source: str,
+    labels: dict[str, Any],
+) -> dict[str, Any]:
+    """What a data manager checks before training: unreadable, duplicate and incomplete instances."""
+    errors = list(errors)
+    return {
+        "source": source,
+        "objects": len(frame) + len(errors),
+        "cataloged": len(frame),
+        "unreadable": [{"key": e.path, "type": e.type, "reason": e.reason} for e in errors],
+        "duplicates": {
+            "sop_uid": _duplicates(frame, "sop_uid_hash"),
+            "content": _duplicates(frame, "content_hash"),
+            "pixels": _duplicates(frame, "pixel_hash"),
+        },
+        "missing_required": {k: v for k, v in sorted(missing.items()) if v},
+        "skipped_sidecars": sorted(skipped),
+        "labels": labels,
+        "counts": {
+            column: {str(k): int(v) for k, v in Counter(frame[column].fillna("(none)")).most_common()}
+            for column in ("modality", "site_id", "scanner_id", "label")
+        },
+    }
+
+
+def summary_table(result: IngestResult) -> Table:
+    """The catalog at a glance: instances per site and scanner, with modality and label mix."""
+    frame, qa = result.catalog, result.qa
+    table = Table(
+        title=f"{len(frame)} instances cataloged from {qa['source']} → {result.catalog_uri}",
+        caption=(
+            f"unreadable {len(qa['unreadable'])} · duplicate SOP {len(qa['duplicates']['sop_uid'])} · "
+            f"duplicate content {len(qa['duplicates']['content'])} · "
+            f"duplicate pixels {len(qa['duplicates']['pixels'])} · "
+            f"missing tags {len(qa['missing_required'])} · QA: {result.qa_uri}"
+        ),
+    )
+    for column in ("site_id", "scanner_id", "manufacturer", "modality", "instances", *LABELS, "unlabelled"):
+        table.add_column(column, justify="right" if column not in ("site_id", "scanner_id") else "left")
+    groups = frame.fillna({"site_id": "(none)", "scanner_id": "(none)"}).groupby(
+        ["site_id", "scanner_id"], sort=True
+    )
+    for (site, scanner), group in groups:
+        counts = group["label"].value_counts()
+        table.add_row(
+            str(site),
+            str(scanner),
+            ", ".join(sorted(set(group["manufacturer"].fillna("")))),
+            ", ".join(sorted(set(group["modality"].fillna("")))),
+            str(len(group)),
+            *(str(int(counts.get(label, 0))) for label in LABELS),
+            str(int(group["label"].isna().sum())),
+        )
+    return table

@@ -1,0 +1,91 @@
+"""The ``dicom-router`` command as outside checks use it: exit codes, stderr lines, JSON shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dicom_router.config import Settings
+from tests.conftest import run_cli
+
+INSPECT_KEYS = {"file", "ok", "sop_class", "modality", "transfer_syntax", "photometric", "rows", "columns"}
+
+
+def test_inspect_json_gives_one_document_for_a_folder_of_real_files(xray_real: Path) -> None:
+    files = sorted(str(p) for p in (xray_real / "site-b").glob("*.dcm"))
+    result = run_cli("inspect", *files, "--json")
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert len(records) == len(files) and all(r["ok"] for r in records)
+    first = records[0]
+    assert INSPECT_KEYS | {"bits_stored", "frames", "pixel"} <= set(first)
+    assert set(first["pixel"]) == {"min", "max", "mean"}
+    assert first["photometric"] == "MONOCHROME1" and first["modality"] == "CR"
+
+
+def test_inspect_reports_corrupt_input_with_exit_2_and_keeps_the_good_ones(
+    xray_real: Path, tmp_path: Path
+) -> None:
+    good = xray_real / "site-a" / "0000.dcm"
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[:5000])
+    text = tmp_path / "text.dcm"
+    text.write_text("hello")
+    result = run_cli("inspect", str(good), str(cut), str(text), "--json")
+    assert result.returncode == 2
+    records = json.loads(result.stdout)
+    assert [r["ok"] for r in records] == [True, False, False]
+    assert records[1]["error"]["type"] == "Truncated" and records[2]["error"]["type"] == "NotDicom"
+    lines = result.stderr.strip().splitlines()
+    assert f"{cut}: Truncated: " in "\n".join(lines) and any(
+        line.startswith(f"{text}: NotDicom: ") for line in lines
+    )
+
+
+def test_inspect_prints_a_readable_line_per_file(xray_real: Path) -> None:
+    result = run_cli("inspect", str(xray_real / "site-c" / "0002.dcm"))
+    assert result.returncode == 0
+    assert "DX MONOCHROME2" in result.stdout and "JPEG 2000" in result.stdout
+
+
+def test_a_bad_flag_is_a_usage_error_with_exit_64() -> None:
+    assert run_cli("inspect", "--no-such-flag").returncode == 64
+    assert run_cli("no-such-verb").returncode == 64
+    assert run_cli("synth").returncode == 64
+
+
+def test_synth_lists_profiles_and_writes_labelled_files(tmp_path: Path) -> None:
+    listed = run_cli("synth", "--list-profiles")
+    assert listed.returncode == 0 and "site-a" in listed.stdout
+    out = tmp_path / "out"
+    result = run_cli("synth", str(out), "--n", "12", "--sites", "2", "--seed", "1", "--long-side", "64")
+    assert result.returncode == 0, result.stderr
+    header, *rows = (out / "labels.csv").read_text().splitlines()
+    assert header == "file,label,site" and len(rows) == 12
+    assert all((out / row.split(",")[0]).is_file() for row in rows)
+    assert run_cli("synth", str(out), "--site-profile", "nowhere").returncode == 64
+
+
+def test_ingest_writes_catalog_and_qa_and_exits_2_on_bad_objects(tmp_path: Path, settings: Settings) -> None:
+    src = tmp_path / "src"
+    assert run_cli("synth", str(src), "--n", "10", "--long-side", "64").returncode == 0
+    (src / "broken.dcm").write_bytes(b"\x00" * 10)
+    dest = tmp_path / "cat.parquet"
+    result = run_cli(
+        "ingest", str(src), "--catalog", str(dest), "--labels", str(src / "labels.csv"), "--json"
+    )
+    assert result.returncode == 2
+    qa = json.loads(result.stdout)
+    assert qa["cataloged"] == 10 and qa["unreadable"][0]["type"] == "NotDicom"
+    assert f"{src}/broken.dcm: NotDicom: " in result.stderr
+    assert dest.is_file() and Path(f"{dest}.qa.json").is_file()
+
+
+def test_demo_runs_end_to_end_and_prints_the_catalog_summary(settings: Settings) -> None:
+    try:
+        result = run_cli("demo")
+        assert result.returncode == 0, result.stderr
+        assert "instances cataloged from s3://dicom-router/demo/raw" in result.stdout
+        assert "adult_chest" in result.stdout
+    finally:
+        run_cli("stack", "down")
