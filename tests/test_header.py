@@ -26,9 +26,8 @@ def test_a_short_header_needs_one_ranged_read() -> None:
     header = read_header(fetch, len(data), "a.dcm", first=4096)  # type: ignore[arg-type]
     assert asked == [4096]
     assert header.dataset.InstitutionName == "General" and header.dataset.Rows == 256
-    assert header.pixel_offset is not None and data[header.pixel_offset : header.pixel_offset + 4] == (
-        b"\xe0\x7f\x10\x00"
-    )
+    assert header.pixel_start is not None and header.pixel_length == 256 * 256 * 2
+    assert data[header.pixel_start - 12 : header.pixel_start - 8] == b"\xe0\x7f\x10\x00"
 
 
 def test_a_long_header_doubles_the_range_until_pixel_data() -> None:
@@ -41,7 +40,7 @@ def test_a_long_header_doubles_the_range_until_pixel_data() -> None:
     header = read_header(fetch, len(data), "a.dcm", first=1024)  # type: ignore[arg-type]
     assert asked == [1024, 2048, 4096, 8192, 16384, 32768]
     assert header.dataset.StationName == "ROOM-7" and header.dataset.Columns == 256
-    assert header.pixel_offset == data.rfind(b"\xe0\x7f\x10\x00")
+    assert header.pixel_start == data.rfind(b"\xe0\x7f\x10\x00") + 12
 
 
 def test_an_object_without_pixel_data_is_read_to_its_end() -> None:
@@ -50,7 +49,7 @@ def test_an_object_without_pixel_data_is_read_to_its_end() -> None:
     data = to_bytes(ds)
     asked, fetch = _reader(data)
     header = read_header(fetch, len(data), "sr.dcm", first=128)  # type: ignore[arg-type]
-    assert header.pixel_offset is None and asked[-1] >= len(data)
+    assert not header.has_pixels and header.pixel_start is None and asked[-1] >= len(data)
 
 
 def test_a_header_cut_short_in_the_whole_object_is_truncated() -> None:

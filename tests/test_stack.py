@@ -12,7 +12,7 @@ import pytest
 
 from dicom_router import stack
 from dicom_router.config import Settings
-from dicom_router.storage import S3Store, open_store
+from dicom_router.storage import S3Store, StorageError, open_store
 from tests.conftest import run_cli
 
 
@@ -69,6 +69,20 @@ def test_ranged_reads_and_listing_work_against_the_real_server(s3_settings: Sett
     assert (info.key, info.size) == ("dir/blob.bin", len(payload))
     assert info.md5 is not None and len(info.md5) == 32
     assert store.exists("dir/blob.bin") and not store.exists("dir/missing.bin")
+
+
+def test_keys_with_spaces_and_unicode_are_signed_and_read(s3_settings: Settings) -> None:
+    store = open_store(f"s3://{s3_settings.s3_bucket}/odd keys", s3_settings)
+    key = "Ärzte + Röntgen/2024 01/bild (1)~.dcm"
+    store.write(key, b"0123456789")
+    assert store.read(key, 4, offset=3) == b"3456"
+    assert [o.key for o in store.list()] == [key]
+
+
+def test_a_missing_object_raises_a_storage_error(s3_settings: Settings) -> None:
+    store = open_store(f"s3://{s3_settings.s3_bucket}/nothing-here", s3_settings)
+    with pytest.raises(StorageError, match="HTTP 404"):
+        store.read("absent.dcm", 100)
 
 
 def test_a_local_folder_works_like_a_bucket(tmp_path: Path) -> None:

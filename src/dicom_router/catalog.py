@@ -27,9 +27,9 @@ from rich.table import Table
 from dicom_router import LABELS
 from dicom_router.config import Settings
 from dicom_router.dicom.deid import deidentified_fields, load_key
-from dicom_router.dicom.errors import DicomInputError
-from dicom_router.dicom.header import read_header
-from dicom_router.storage import ObjectInfo, Store, md5_hex, open_store, read_uri, write_uri
+from dicom_router.dicom.errors import DicomInputError, NotDicom
+from dicom_router.dicom.header import parse, read_header
+from dicom_router.storage import LocalStore, ObjectInfo, Store, md5_hex, open_store, read_uri, write_uri
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -60,7 +60,7 @@ CATALOG_SCHEMA = pa.schema(
         ("has_pixels", pa.bool_()),
         ("label", pa.string()),
         ("content_hash", pa.string()),
-        ("pixel_hash", pa.string()),
+        ("pixel_fingerprint", pa.string()),
     ]
 )
 """The contract's columns plus a few more; ``label`` is null without ``--labels``."""
@@ -76,9 +76,10 @@ REQUIRED_TAGS = (
 )
 SIDECAR_SUFFIXES = (".csv", ".md", ".txt", ".json", ".parquet", ".yaml", ".yml")
 """Files that live beside DICOM in labelled folders; listed in the QA summary as skipped."""
-WHOLE_READ_BYTES = 1 << 20
-"""Objects up to this size are read whole in one GET (the request, not the bytes, is what costs), which
-also gives their MD5 and pixel hash; larger ones get ranged header reads."""
+FINGERPRINT_BYTES = 8 * 1024
+"""The pixel fingerprint hashes the pixel data's length and first bytes: equal fingerprints are only
+candidates, confirmed by hashing the whole pixel data, so duplicates are exact without reading every
+object's pixels."""
 _CHUNK = 32
 
 
@@ -113,6 +114,7 @@ def ingest(
     rows.sort(key=lambda r: str(r["key"]))
     errors.sort(key=lambda e: e.path)
     missing: dict[str, list[str]] = {r["key"]: r.pop("_missing") for r in rows}
+    same_pixels = pixel_duplicates(store, rows, {r["key"]: r.pop("_pixels") for r in rows})
     schema, labels_qa = CATALOG_SCHEMA, {}
     if labels_uri:
         labels = read_labels(labels_uri, settings)
@@ -122,7 +124,7 @@ def ingest(
             schema = schema.append(pa.field(column, pa.string()))
     table = pa.Table.from_pylist(rows, schema=schema)
     frame = table.to_pandas()
-    qa = qa_summary(frame, errors, missing, skipped, source=store.uri, labels=labels_qa)
+    qa = qa_summary(frame, errors, missing, skipped, same_pixels, source=store.uri, labels=labels_qa)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_uri(catalog_uri, buf.getvalue(), settings)
@@ -162,42 +164,70 @@ def _ingest_chunk(
             rows.append(catalog_row(store, key, info, range_bytes))
         except DicomInputError as exc:
             errors.append(exc)
+        except OSError as exc:  # vanished or unreadable object: reported, the batch goes on
+            errors.append(NotDicom(f"{store.uri.rstrip('/')}/{info.key}", f"cannot read: {exc}"))
     return rows, errors
 
 
 def catalog_row(store: Store, key: bytes, info: ObjectInfo, range_bytes: int) -> dict[str, Any]:
-    """One object → one de-identified row (plus ``_missing``: required tags it lacks)."""
+    """One object → one de-identified row (plus ``_missing``: required tags it lacks, and ``_pixels``:
+    where its pixel data lies, for confirming duplicates)."""
     path = f"{store.uri.rstrip('/')}/{info.key}"
-    whole: bytes | None = store.read(info.key) if info.size <= WHOLE_READ_BYTES else None
-
-    def fetch(n: int) -> bytes:
-        return whole if whole is not None else store.read(info.key, n if n < info.size else None)
-
-    header = read_header(fetch, info.size, path, first=range_bytes)
+    header = read_header(
+        lambda n: store.read(info.key, n if n < info.size else None), info.size, path, first=range_bytes
+    )
     ds = header.dataset
-    if whole is not None:
-        content_md5: str | None = md5_hex(whole)
-    else:
-        content_md5 = info.md5 or _streamed_md5(store, info)
-    pixel_hash = None
-    if whole is not None and header.pixel_offset is not None:
-        pixel_hash = hashlib.sha256(whole[header.pixel_offset :]).hexdigest()
+    if info.md5:
+        content_md5: str | None = info.md5
+    elif len(header.head) >= info.size:
+        content_md5 = md5_hex(header.head)
+    else:  # local files have no ETag; reading a local file is cheap
+        content_md5 = md5_hex(store.read(info.key)) if isinstance(store, LocalStore) else None
+    fingerprint = None
+    if header.pixel_start is not None and header.pixel_length is not None:
+        end = header.pixel_start + min(FINGERPRINT_BYTES, header.pixel_length)
+        head = header.head if len(header.head) >= end else store.read(info.key, end)
+        fingerprint = _fingerprint(header.pixel_length, head[header.pixel_start : end])
+    elif header.has_pixels:  # a deflated data set, parsed whole
+        value = ds.PixelData
+        fingerprint = _fingerprint(len(value), value[:FINGERPRINT_BYTES])
     row = {"key": info.key, "size": info.size, **deidentified_fields(key, ds)}
     row["has_pixels"] = header.has_pixels
     row["label"] = None
     row["content_hash"] = f"md5:{content_md5}" if content_md5 else None
-    row["pixel_hash"] = f"sha256:{pixel_hash}" if pixel_hash else None
+    row["pixel_fingerprint"] = fingerprint
     row["_missing"] = [t for t in REQUIRED_TAGS if not str(ds.get(t, "")).strip()] + (
-        [] if row["has_pixels"] else ["PixelData"]
+        [] if header.has_pixels else ["PixelData"]
     )
+    row["_pixels"] = (header.pixel_start, header.pixel_length)
     return row
 
 
-def _streamed_md5(store: Store, info: ObjectInfo) -> str | None:
-    """Local files have no ETag; their MD5 costs a read of the file, which is cheap on local disk."""
-    if store.uri.startswith("s3://"):
-        return None
-    return md5_hex(store.read(info.key))
+def _fingerprint(length: int, first_bytes: bytes) -> str:
+    return "sha256:" + hashlib.sha256(b"%d:" % length + first_bytes).hexdigest()
+
+
+def _pixel_hash(store: Store, key: str, start: int | None, length: int | None) -> str:
+    """SHA-256 of the whole Pixel Data value (a ranged read of just the pixels)."""
+    if start is None or length is None:  # deflated: the pixels exist only after inflating
+        return hashlib.sha256(parse(store.read(key), key).PixelData).hexdigest()
+    return hashlib.sha256(store.read(key, length, offset=start)).hexdigest()
+
+
+def pixel_duplicates(
+    store: Store, rows: Sequence[dict[str, Any]], pixels: dict[str, tuple[int | None, int | None]]
+) -> list[list[str]]:
+    """Groups of objects whose pixel data is byte-identical; only equal fingerprints are read whole."""
+    by_fingerprint: defaultdict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        if row["pixel_fingerprint"]:
+            by_fingerprint[row["pixel_fingerprint"]].append(row["key"])
+    by_hash: defaultdict[str, list[str]] = defaultdict(list)
+    for keys in by_fingerprint.values():
+        if len(keys) > 1:
+            for key in keys:
+                by_hash[_pixel_hash(store, key, *pixels[key])].append(key)
+    return sorted(sorted(keys) for keys in by_hash.values() if len(keys) > 1)
 
 
 def read_labels(uri: str, settings: Settings) -> dict[str, dict[str, str]]:
@@ -254,6 +284,7 @@ def qa_summary(
     errors: Iterable[DicomInputError],
     missing: dict[str, list[str]],
     skipped: list[str],
+    same_pixels: list[list[str]],
     *,
     source: str,
     labels: dict[str, Any],
@@ -268,7 +299,7 @@ def qa_summary(
         "duplicates": {
             "sop_uid": _duplicates(frame, "sop_uid_hash"),
             "content": _duplicates(frame, "content_hash"),
-            "pixels": _duplicates(frame, "pixel_hash"),
+            "pixels": same_pixels,
         },
         "missing_required": {k: v for k, v in sorted(missing.items()) if v},
         "skipped_sidecars": sorted(skipped),

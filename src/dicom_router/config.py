@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = None
     """Key of the keyed-hash pseudonyms; empty means a key generated once and kept in ``data_dir``."""
 
-    header_range_bytes: int = 64 * 1024
+    header_range_bytes: int = 16 * 1024
     """First ranged read of an object during ingest; grown only when a header is longer."""
     max_image_pixels: int = 64_000_000
     """Rows x columns x samples above which decoding refuses with ``ImageTooLarge``."""

@@ -98,11 +98,16 @@ def parse(data: bytes, path: str) -> Dataset:
 
 @dataclass(frozen=True)
 class Header:
-    """A header-only data set; where its Pixel Data element starts, when the bytes say (None: unknown)."""
+    """A header-only data set, the bytes read to get it, and where its pixel data lies in the object."""
 
     dataset: Dataset
+    head: bytes
+    """The object's first bytes as read (the whole object when it was small)."""
     has_pixels: bool
-    pixel_offset: int | None
+    pixel_start: int | None = None
+    """Offset of the Pixel Data value in the object (None: no pixel data, or a deflated data set)."""
+    pixel_length: int | None = None
+    """Length of the Pixel Data value; for encapsulated data, up to the object's end."""
 
 
 def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int) -> Header:
@@ -130,43 +135,55 @@ def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int)
                 n = size
                 continue
             full = parse(chunk, path)
-            return Header(full, "PixelData" in full, None)
-        reached_pixels = stopped_at < len(chunk)
-        if reached_pixels:
-            if problem := _pixel_element_problem(chunk, stopped_at, size, ds, whole):
-                raise Truncated(path, problem)
-        elif not whole:
+            return Header(full, chunk, "PixelData" in full)
+        if stopped_at < len(chunk):
+            element = _pixel_element(chunk, stopped_at, size, ds)
+            if element is None and not whole:
+                n = min(n * 2, size)
+                continue
+            if element is None:
+                raise Truncated(path, "the input ends inside the Pixel Data element header")
+            start, length, encapsulated = element
+            if start + length > size:
+                ends = size - start
+                raise Truncated(path, f"Pixel Data declares {length} bytes but the object ends after {ends}")
+            delimiter = _SEQUENCE_DELIMITER[bool(ds.original_encoding[1])]
+            if whole and encapsulated and chunk.find(delimiter, start) < 0:
+                raise Truncated(path, "encapsulated Pixel Data has no sequence delimiter: it is cut")
+            _ensure_transfer_syntax(ds)
+            return Header(ds, chunk, True, start, length)
+        if not whole:
             n = min(n * 2, size)
             continue
         if not len(ds):
             raise Truncated(path, f"input ends after {len(chunk)} bytes, before the data set")
-        if not reached_pixels and (cut := _cut_short(ds)):
+        if cut := _cut_short(ds):
             raise Truncated(path, cut)
         _ensure_transfer_syntax(ds)
-        return Header(ds, reached_pixels, stopped_at if reached_pixels else None)
+        return Header(ds, chunk, False)
 
 
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _SEQUENCE_DELIMITER = {True: b"\xfe\xff\xdd\xe0", False: b"\xff\xfe\xe0\xdd"}
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 
 
-def _pixel_element_problem(chunk: bytes, offset: int, size: int, ds: Dataset, whole: bool) -> str | None:
-    """Does the Pixel Data element at ``offset`` fit in an object of ``size`` bytes?"""
+def _pixel_element(chunk: bytes, offset: int, size: int, ds: Dataset) -> tuple[int, int, bool] | None:
+    """(value offset, value length, encapsulated) of the Pixel Data element at ``offset``; None if the
+    chunk ends first.
+
+    An undefined length (encapsulated fragments) is taken as running to the end of the object.
+    """
     implicit, little = ds.original_encoding
     endian = "<" if little else ">"
     if implicit:
-        value_start, length_at, fmt = offset + 8, offset + 4, "I"
+        start, length_at, fmt = offset + 8, offset + 4, "I"
     elif chunk[offset + 4 : offset + 6] in _LONG_VRS:
-        value_start, length_at, fmt = offset + 12, offset + 8, "I"
+        start, length_at, fmt = offset + 12, offset + 8, "I"
     else:
-        value_start, length_at, fmt = offset + 8, offset + 6, "H"
-    if len(chunk) < value_start:
-        return None if not whole else "the input ends inside the Pixel Data element header"
-    (length,) = struct.unpack(endian + fmt, chunk[length_at:value_start])
-    if length == _UNDEFINED_LENGTH:
-        if whole and _SEQUENCE_DELIMITER[bool(little)] not in chunk[value_start:]:
-            return "encapsulated Pixel Data has no sequence delimiter: the input ends inside it"
+        start, length_at, fmt = offset + 8, offset + 6, "H"
+    if len(chunk) < start:
         return None
-    if value_start + length > size:
-        return f"Pixel Data declares {length} bytes but the object ends after {size - value_start}"
-    return None
+    (length,) = struct.unpack(endian + fmt, chunk[length_at:start])
+    if length == _UNDEFINED_LENGTH:
+        return start, size - start, True
+    return start, length, False
