@@ -36,7 +36,9 @@ def run_demo(settings: Settings, console: Console) -> int:
     endpoint = stack.s3_up(settings)
     console.print(f"[bold]1/3[/] local S3 (rclone) at {endpoint}, bucket s3://{settings.s3_bucket}")
     local = settings.data_dir / "demo" / "synth"
-    records = synth.synthesize(local, DEMO_IMAGES, sites=DEMO_SITES, seed=7, long_side_px=DEMO_LONG_SIDE)
+    records = synth.synthesize(
+        local, DEMO_IMAGES, sites=DEMO_SITES, seed=7, long_side_px=DEMO_LONG_SIDE, progress=True
+    )
     raw = f"s3://{settings.s3_bucket}/demo/raw"
     store = open_store(raw, settings)
     if isinstance(store, S3Store):
