@@ -105,7 +105,6 @@ def main() -> int:
         settings = Settings(data_dir=work / "data")
         stack.s3_up(settings)
         try:
-            lines = []
             for name, count, long_side, profile in (
                 ("small", args.small, 384, "site-a"),  # 384 x 307 x 16-bit words: ~240 KB
                 ("full-size", args.large, 2500, "site-a"),  # 2,500 x 2,000 x 16-bit words: ~10 MB
@@ -114,17 +113,24 @@ def main() -> int:
                 assert isinstance(store, S3Store)
                 store.ensure_bucket()
                 size = populate(store, work, name, count, long_side, profile)
-                list(store.list())  # rclone hashes objects for ETags at the first listing: not timed
+                # rclone hashes every object for its ETag at the first listing (an artefact of the
+                # embedded server; real S3 stores ETags): timed once, then excluded from both sides.
+                start = time.perf_counter()
+                list(store.list())
+                first_listing = time.perf_counter() - start
                 n_base, t_base = baseline(store)
                 n_ours, t_ours = ours(store, settings, work)
                 assert n_base == n_ours == count
                 ratio = (n_ours / t_ours) / (n_base / t_base)
-                lines.append(
+                cold = (n_ours / t_ours) / (n_base / (t_base + first_listing))
+                print(
                     f"{name}: {count} objects of {size / 1e6:.2f} MB: baseline {n_base / t_base:.0f}/s, "
                     f"ingest {n_ours / t_ours:.0f}/s ({settings.workers} processes) = {ratio:.1f}x "
-                    f"(target >= {TARGETS[name]:.0f}x: {'met' if ratio >= TARGETS[name] else 'NOT met'})"
+                    f"(target >= {TARGETS[name]:.0f}x: {'met' if ratio >= TARGETS[name] else 'NOT met'}); "
+                    f"with rclone's first-listing hashing ({first_listing:.2f} s) in the baseline: "
+                    f"{n_base / (t_base + first_listing):.0f}/s, {cold:.1f}x",
+                    flush=True,
                 )
-                print(lines[-1], flush=True)
             print(decode_throughput(settings), flush=True)
         finally:
             stack.down(settings)
