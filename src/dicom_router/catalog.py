@@ -76,6 +76,8 @@ REQUIRED_TAGS = (
 )
 SIDECAR_SUFFIXES = (".csv", ".md", ".txt", ".json", ".parquet", ".yaml", ".yml")
 """Files that live beside DICOM in labelled folders; listed in the QA summary as skipped."""
+SOURCE_METADATA = "dicom_router.source"
+"""Parquet metadata key holding where the cataloged objects live (keys are relative to it)."""
 FINGERPRINT_BYTES = 8 * 1024
 """The pixel fingerprint hashes the pixel data's length and first bytes: equal fingerprints are only
 candidates, confirmed by hashing the whole pixel data, so duplicates are exact without reading every
@@ -122,7 +124,7 @@ def ingest(
         labels_qa = _apply_labels(rows, labels, {o.key for o in objects}, extras)
         for column in extras.values():
             schema = schema.append(pa.field(column, pa.string()))
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=schema.with_metadata({SOURCE_METADATA: store.uri}))
     frame = table.to_pandas()
     qa = qa_summary(frame, errors, missing, skipped, same_pixels, source=store.uri, labels=labels_qa)
     buf = io.BytesIO()
@@ -309,6 +311,15 @@ def qa_summary(
             for column in ("modality", "site_id", "scanner_id", "label")
         },
     }
+
+
+def read_catalog(uri: str, settings: Settings) -> tuple[pd.DataFrame, str]:
+    """A catalog and the source its keys are relative to."""
+    table = pq.read_table(io.BytesIO(read_uri(uri, settings)))
+    source = (table.schema.metadata or {}).get(SOURCE_METADATA.encode(), b"").decode()
+    if not source:
+        raise ValueError(f"{uri} has no {SOURCE_METADATA} metadata: re-run `dicom-router ingest`")
+    return table.to_pandas(), source
 
 
 def summary_table(result: IngestResult) -> Table:

@@ -16,7 +16,9 @@ from dicom_router.config import Settings
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
+EXIT_GATE_REFUSED = 4
 EXIT_USAGE = 64
+CHAMPION_URI = "models:/bodypart-router@champion"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,6 +196,191 @@ def stack(action: str, as_json: bool) -> int:
             where = next((v for k, v in service.items() if k in ("endpoint", "uri", "url")), None)
             stdout.print(f"{name:13} {'running' if service['running'] else 'stopped':8} {where or ''}")
     return EXIT_OK
+
+
+@app.command()
+@click.option("--catalog", help="Labelled catalog (ingest --labels output), local or s3://")
+@click.option("--data", "data_dir", help="Labelled folder (DICOM + labels.csv), local or s3://")
+@click.option(
+    "--arch", "archs", multiple=True, help="timm architecture (repeatable); default mobilenetv1_100"
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split, sampling and weight seed")
+@click.option("--fusion", is_flag=True, help="Also train each architecture with header-feature fusion")
+@click.option("--register", is_flag=True, help="Register each candidate in MLflow (tag candidate)")
+@click.option("--json", "as_json", is_flag=True, help="Candidates' test metrics as JSON")
+def train(
+    catalog: str | None,
+    data_dir: str | None,
+    archs: tuple[str, ...],
+    epochs: int,
+    image_size: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    fusion: bool,
+    register: bool,
+    as_json: bool,
+) -> int:
+    """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
+    from dicom_router.candidates import load_labelled, train_candidates
+    from dicom_router.train import TrainConfig
+
+    if (catalog is None) == (data_dir is None):
+        raise click.UsageError("give exactly one of --catalog or --data")
+    settings = Settings()
+    labelled = load_labelled(settings, catalog=catalog, data=data_dir)
+    configs = [
+        TrainConfig(
+            arch=arch,
+            epochs=epochs,
+            image_size=image_size,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            metadata=meta,
+        )
+        for arch in archs or ("mobilenetv1_100",)
+        for meta in ((False, True) if fusion else (False,))
+    ]
+    candidates, errors = train_candidates(settings, labelled, configs, register=register, seed=seed)
+    _report_errors(errors)
+    rows = [
+        {
+            "arch": c.config.arch,
+            "metadata": c.config.metadata,
+            "run_id": c.run_id,
+            "version": c.version,
+            "test_macro_f1": c.report["macro_f1"],
+            "test_macro_f1_ci": c.report["macro_f1_ci"],
+        }
+        for c in candidates
+    ]
+    if as_json:
+        _emit_json(rows)
+    else:
+        for row in rows:
+            ci = row["test_macro_f1_ci"]
+            stdout.print(
+                f"{row['arch']}{' +meta' if row['metadata'] else ''}: "
+                f"test macro-F1 {row['test_macro_f1']:.4f} "
+                f"[{ci[0]:.3f}, {ci[1]:.3f}] run {row['run_id']}"
+                + (f" → {settings.registered_model} version {row['version']}" if row["version"] else "")
+            )
+    return EXIT_BAD_INPUT if errors else EXIT_OK
+
+
+@app.command()
+@click.option(
+    "--model", "model_uri", required=True, help="models:/bodypart-router@champion, models:/NAME/V or a dir"
+)
+@click.option("--data", "data_dir", required=True, help="Labelled folder (DICOM + labels.csv)")
+@click.option("--split", type=click.Choice(["all", "test"]), default="all", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The evaluation as one JSON document")
+def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
+    """Metrics of a model on a labelled folder (``--split test``: only its persisted test split)."""
+    from dicom_router.candidates import load_labelled
+    from dicom_router.promotion import score
+    from dicom_router.registry import load_bundle
+
+    settings = Settings()
+    bundle = load_bundle(settings, model_uri)
+    labelled = load_labelled(settings, data=data_dir)
+    frame = labelled.frame
+    if split == "test":
+        test = {item["sop_uid_hash"] for item in bundle.card.get("test_items", [])}
+        frame = frame[frame["sop_uid_hash"].isin(test)]
+        if frame.empty:
+            raise click.UsageError(f"no file of {data_dir} is in the model's test split")
+    items = [{"key": str(k), "label": str(v)} for k, v in zip(frame["key"], frame["label"], strict=True)]
+    report = score(bundle, labelled.source, items, settings)
+    for error in report["errors"]:
+        sys.stderr.write(f"{error['file']}: {error['type']}: {error['message']}\n")
+    if as_json:
+        _emit_json(report)
+    else:
+        lo, hi = report["macro_f1_ci"]
+        stdout.print(
+            f"{bundle.name} {bundle.version} on {report['n']} images: accuracy {report['accuracy']:.4f}, "
+            f"macro-F1 {report['macro_f1']:.4f} [{lo:.3f}, {hi:.3f}], ECE {report['ece']:.4f}, "
+            f"{report['ms_per_image']:.1f} ms/image"
+        )
+        for label, row in report["per_class"].items():
+            stdout.print(
+                f"  {label:16} precision {row['precision']:.3f} recall {row['recall']:.3f} "
+                f"F1 {row['f1']:.3f} (n={row['support']})"
+            )
+    return EXIT_BAD_INPUT if report["errors"] else EXIT_OK
+
+
+@app.command()
+@click.option("--model", "name", help="Registered model name (default: the configured one)")
+@click.option("--version", help="The version to judge (default: the newest candidate)")
+@click.option("--force", is_flag=True, help="Promote even if the gate refuses (rollback); recorded")
+@click.option("--history", "show_history", is_flag=True, help="Every gate decision so far")
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def promote(name: str | None, version: str | None, force: bool, show_history: bool, as_json: bool) -> int:
+    """The promotion gate: candidate vs champion on the candidate's test split; alias ``champion``."""
+    from dicom_router.promotion import promote as run_gate
+    from dicom_router.registry import history
+
+    settings = Settings()
+    if name:
+        settings = settings.model_copy(update={"registered_model": name})
+    if show_history:
+        decisions = history(settings)
+        if as_json:
+            _emit_json(decisions)
+        for d in [] if as_json else decisions:
+            verdict = "promoted" if d["promoted"] else "refused"
+            stdout.print(f"{d['at']} version {d['candidate']['version']}: {verdict} ({d['reason']})")
+        return EXIT_OK
+    decision = run_gate(settings, version=version, force=force)
+    if as_json:
+        _emit_json(decision)
+    else:
+        verdict = "promoted to champion" if decision["promoted"] else "refused"
+        stdout.print(f"version {decision['candidate']['version']} {verdict}: {decision['reason']}")
+    return EXIT_OK if decision["promoted"] else EXIT_GATE_REFUSED
+
+
+@app.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_uri", default=CHAMPION_URI, show_default=True, help="MODEL_URI")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
+def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> int:
+    """Classify DICOM files with the model bundle, exactly as the model server does."""
+    from dicom_router.dicom.errors import DicomInputError, NotDicom
+    from dicom_router.promotion import prediction_record
+    from dicom_router.registry import load_bundle
+
+    settings = Settings()
+    bundle = load_bundle(settings, model_uri)
+    files = _expand(paths)
+    readable: list[tuple[str, bytes]] = []
+    unreadable: dict[str, DicomInputError] = {}
+    for path in files:
+        try:
+            readable.append((str(path), path.read_bytes()))
+        except OSError as exc:
+            unreadable[str(path)] = NotDicom(str(path), f"cannot read: {exc.strerror}")
+    results, _ = bundle.predict_items(readable, max_pixels=settings.max_image_pixels)
+    by_path = dict(zip((p for p, _ in readable), results, strict=True)) | unreadable
+    records = [prediction_record(str(p), by_path[str(p)], bundle) for p in files]
+    errors = [r for r in by_path.values() if isinstance(r, DicomInputError)]
+    _report_errors(errors)
+    if as_json:
+        _emit_json(records)
+    else:
+        for record in records:
+            if "label" in record:
+                stdout.print(
+                    f"{record['file']}: {record['label']} ({record['confidence']:.3f})", highlight=False
+                )
+    return EXIT_BAD_INPUT if errors else EXIT_OK
 
 
 @app.command()

@@ -53,6 +53,21 @@ class Settings(BaseSettings):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
     """Processes for ingest and decoding."""
 
+    cache_uri: str | None = None
+    """Where preprocessed training images are cached (local path or s3://); default ``data_dir/cache``."""
+
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server or database; default SQLite in ``data_dir/mlflow`` with local artifacts."""
+    registered_model: str = "bodypart-router"
+    gate_margin: float = 0.02
+    """Promotion gate: the most any class's recall may drop (absolute) against the champion."""
+    gate_floor: float = 0.80
+    """Promotion gate: the macro-F1 the first model must reach."""
+
+    @property
+    def cache_location(self) -> str:
+        return self.cache_uri or str(self.data_dir / "cache")
+
     @property
     def secrets_dir(self) -> Path:
         """Generated credentials and keys (mode 0700); back it up with the deployment."""

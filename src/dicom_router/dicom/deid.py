@@ -128,16 +128,10 @@ def pixel_spacing_mm(ds: Dataset) -> float | None:
     return None
 
 
-def deidentified_fields(key: bytes, ds: Dataset) -> dict[str, Any]:
-    """Every header field of a catalog row: pseudonyms and non-identifying acquisition facts only."""
+def acquisition_fields(ds: Dataset) -> dict[str, Any]:
+    """Header facts that identify nobody: what training, drift monitoring and fusion models use."""
     frames = ds.get("NumberOfFrames")
     return {
-        "sop_uid_hash": uid_hash(key, ds, "SOPInstanceUID"),
-        "study_uid_hash": uid_hash(key, ds, "StudyInstanceUID"),
-        "series_uid_hash": uid_hash(key, ds, "SeriesInstanceUID"),
-        "patient_hash": patient_hash(key, ds),
-        "site_id": site_id(key, ds),
-        "scanner_id": scanner_id(key, ds),
         "sop_class": _text(ds, "SOPClassUID"),
         "modality": _text(ds, "Modality"),
         "manufacturer": _text(ds, "Manufacturer"),
@@ -154,4 +148,17 @@ def deidentified_fields(key: bytes, ds: Dataset) -> dict[str, Any]:
         "view_position": _text(ds, "ViewPosition"),
         "sex": _text(ds, "PatientSex").upper()[:1] or None,
         "age_years": age_years(ds),
+    }
+
+
+def deidentified_fields(key: bytes, ds: Dataset) -> dict[str, Any]:
+    """Every header field of a catalog row: keyed pseudonyms plus the acquisition facts."""
+    return {
+        "sop_uid_hash": uid_hash(key, ds, "SOPInstanceUID"),
+        "study_uid_hash": uid_hash(key, ds, "StudyInstanceUID"),
+        "series_uid_hash": uid_hash(key, ds, "SeriesInstanceUID"),
+        "patient_hash": patient_hash(key, ds),
+        "site_id": site_id(key, ds),
+        "scanner_id": scanner_id(key, ds),
+        **acquisition_fields(ds),
     }

@@ -1,0 +1,250 @@
+"""Training data: labelled examples from a catalog, patient-grouped stratified splits, and a cache of
+preprocessed images so no epoch after the first (and no later run) decodes DICOM again."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import torch
+import torch.nn.functional as F  # noqa: N812
+from rich.progress import Progress
+from torch.utils.data import Dataset
+
+from dicom_router import LABELS
+from dicom_router.config import Settings
+from dicom_router.dicom.errors import DicomInputError
+from dicom_router.inference import PreprocessConfig, metadata_vector, prepare
+from dicom_router.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SHARD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which instance (SOP UID pseudonym) is in which split, and a fingerprint of that assignment."""
+
+    assignment: dict[str, str]
+    seed: int
+
+    @property
+    def fingerprint(self) -> str:
+        text = "\n".join(f"{k}\t{v}" for k, v in sorted(self.assignment.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def of(self, name: str) -> list[str]:
+        return sorted(k for k, v in self.assignment.items() if v == name)
+
+    def to_json(self) -> str:
+        return json.dumps({"seed": self.seed, "fingerprint": self.fingerprint, "assignment": self.assignment})
+
+    @classmethod
+    def from_json(cls, text: str) -> Split:
+        data = json.loads(text)
+        return cls(data["assignment"], data["seed"])
+
+
+def split_examples(
+    frame: pd.DataFrame, *, seed: int, fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+) -> Split:
+    """70/15/15 stratified by label and grouped by patient: no patient in two splits.
+
+    Each patient goes with their most frequent label; within a label, patients are shuffled (seeded) and
+    dealt to the split furthest below its target share of that label's instances.
+    """
+    rng = np.random.default_rng(seed)
+    groups = frame["patient_hash"].fillna(frame["sop_uid_hash"])
+    by_label: defaultdict[str, list[tuple[str, list[str]]]] = defaultdict(list)
+    for group, members in frame.groupby(groups, sort=True):
+        label = str(members["label"].mode().iloc[0])
+        by_label[label].append((str(group), [str(k) for k in members["sop_uid_hash"]]))
+    assignment: dict[str, str] = {}
+    for label in sorted(by_label):
+        patients = by_label[label]
+        order = rng.permutation(len(patients))
+        total = sum(len(p[1]) for p in patients)
+        counts = dict.fromkeys(SPLITS, 0)
+        for index in order:
+            _, instances = patients[index]
+            deficit = {s: f * total - counts[s] for s, f in zip(SPLITS, fractions, strict=True)}
+            chosen = max(SPLITS, key=lambda s: (deficit[s], -SPLITS.index(s)))
+            counts[chosen] += len(instances)
+            assignment.update(dict.fromkeys(instances, chosen))
+    return Split(assignment, seed)
+
+
+# --- the preprocessed-image cache -----------------------------------------------------------------
+
+
+@dataclass
+class CachedImages:
+    """Preprocessed images (uint16, [N, S, S]) with their instance hashes, labels and header features."""
+
+    keys: list[str]
+    images: npt.NDArray[np.uint16]
+    labels: npt.NDArray[np.int64]
+    meta: npt.NDArray[np.float32]
+
+    def select(self, keys: Sequence[str]) -> CachedImages:
+        index = {k: i for i, k in enumerate(self.keys)}
+        rows = [index[k] for k in keys if k in index]
+        return CachedImages(
+            [self.keys[i] for i in rows], self.images[rows], self.labels[rows], self.meta[rows]
+        )
+
+
+def _decode_rows(
+    store: Store, rows: list[dict[str, Any]], config: PreprocessConfig, max_pixels: int
+) -> tuple[list[tuple[str, npt.NDArray[np.uint16]]], list[DicomInputError]]:
+    done, errors = [], []
+    for row in rows:
+        path = f"{store.uri.rstrip('/')}/{row['key']}"
+        try:
+            prepared = prepare(store.read(row["key"]), path, config, max_pixels=max_pixels)
+        except DicomInputError as exc:
+            errors.append(exc)
+            continue
+        done.append((row["sop_uid_hash"], np.round(prepared.image[0] * 65535.0).astype(np.uint16)))
+    return done, errors
+
+
+def build_cache(
+    frame: pd.DataFrame,
+    source: str,
+    config: PreprocessConfig,
+    settings: Settings,
+    *,
+    progress: bool = True,
+) -> tuple[CachedImages, list[DicomInputError]]:
+    """Decode every catalog row once and keep the result in shards under ``settings.cache_location``.
+
+    Shards are keyed by the preprocessing and the instances they hold, so a later run (another
+    architecture, more epochs) over the same data reads arrays instead of decoding DICOM.
+    """
+    cache = open_store(f"{settings.cache_location.rstrip('/')}/{config.fingerprint()}", settings)
+    rows: list[dict[str, Any]] = [
+        {"key": str(k), "sop_uid_hash": str(h)}
+        for k, h in zip(frame["key"], frame["sop_uid_hash"], strict=True)
+    ]
+    images: dict[str, npt.NDArray[np.uint16]] = {}
+    errors: list[DicomInputError] = []
+    todo: list[tuple[str, list[dict[str, Any]]]] = []
+    for start in range(0, len(rows), SHARD_SIZE):
+        shard = rows[start : start + SHARD_SIZE]
+        digest = hashlib.sha256("\n".join(f"{source}/{r['key']}" for r in shard).encode()).hexdigest()[:20]
+        name = f"{digest}.npz"
+        if cache.exists(name):
+            with np.load(io.BytesIO(cache.read(name))) as data:
+                images.update(zip(data["keys"].tolist(), data["images"], strict=True))
+        else:
+            todo.append((name, shard))
+    store = open_store(source, settings)
+    with (
+        Progress(disable=not progress, transient=True) as bar,
+        ProcessPoolExecutor(max_workers=max(1, settings.workers)) as pool,
+    ):
+        task = bar.add_task("decode + resize (cached once)", total=sum(len(s) for _, s in todo))
+        chunks = [(name, shard[i : i + 16]) for name, shard in todo for i in range(0, len(shard), 16)]
+        futures = [
+            pool.submit(_decode_rows, store, chunk, config, settings.max_image_pixels) for _, chunk in chunks
+        ]
+        per_shard: defaultdict[str, list[tuple[str, npt.NDArray[np.uint16]]]] = defaultdict(list)
+        for (name, chunk), future in zip(chunks, futures, strict=True):
+            done, bad = future.result()
+            per_shard[name].extend(done)
+            errors.extend(bad)
+            bar.advance(task, len(chunk))
+    for name, _ in todo:
+        done = per_shard[name]
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            keys=np.array([k for k, _ in done], dtype=str),
+            images=np.stack([a for _, a in done])
+            if done
+            else np.zeros((0, config.image_size, config.image_size), np.uint16),
+        )
+        cache.write(name, buf.getvalue())
+        images.update(done)
+    if todo:
+        log.info("cached %d preprocessed images in %s", sum(len(per_shard[n]) for n, _ in todo), cache.uri)
+    kept = frame[frame["sop_uid_hash"].isin(images)]
+    return (
+        CachedImages(
+            [str(k) for k in kept["sop_uid_hash"]],
+            np.stack([images[k] for k in kept["sop_uid_hash"]])
+            if len(kept)
+            else np.zeros((0, 1, 1), np.uint16),
+            np.array([LABELS.index(str(label)) for label in kept["label"]], dtype=np.int64),
+            np.stack(
+                [metadata_vector({str(k): v for k, v in r.items()}) for r in kept.to_dict("records")]
+            ).astype(np.float32)
+            if len(kept)
+            else np.zeros((0, 1), np.float32),
+        ),
+        errors,
+    )
+
+
+# --- torch dataset with radiograph-appropriate augmentation ------------------------------------
+
+
+def augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small rotation, scale and shift; horizontal flip (a body part does not change with side);
+    brightness, contrast and gamma; detector-like noise. ``image`` is [1, S, S] in [0, 1]."""
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand(1, generator=generator))
+
+    angle = math.radians(uniform(-10.0, 10.0))
+    scale = uniform(0.85, 1.15)
+    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    flip = -1.0 if uniform(0.0, 1.0) < 0.5 else 1.0
+    theta = torch.tensor([[cos * flip, -sin, tx], [sin * flip, cos, ty]], dtype=image.dtype)
+    grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
+    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    out = out.clamp(0.0, 1.0) ** uniform(0.7, 1.4)
+    out = (out - 0.5) * uniform(0.8, 1.2) + 0.5 + uniform(-0.1, 0.1)
+    noise = torch.randn(out.shape, generator=generator) * uniform(0.0, 0.03)
+    return (out + noise).clamp(0.0, 1.0)
+
+
+class XrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Cached images as float tensors, augmented when training."""
+
+    def __init__(self, cached: CachedImages, *, train: bool, seed: int = 0) -> None:
+        self.cached = cached
+        self.train = train
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.cached.keys)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(self.cached.images[index].astype(np.float32) / 65535.0)[None]
+        if self.train:
+            image = augment(image, self.generator)
+        return image, torch.from_numpy(self.cached.meta[index]), torch.tensor(self.cached.labels[index])
+
+
+def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Per-sample weights that give every present class the same total weight (balanced sampling)."""
+    counts = np.bincount(labels, minlength=len(LABELS)).astype(np.float64)
+    per_class = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+    weights: npt.NDArray[np.float64] = per_class[labels]
+    return weights

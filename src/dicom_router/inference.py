@@ -1,0 +1,220 @@
+"""One code path from DICOM bytes to a label: preprocessing, the model bundle, ONNX Runtime.
+
+``predict``, evaluation, the promotion gate and the model server all call ``Bundle.predict_bytes`` /
+``prepare``; training caches the output of the same ``letterbox`` so what a model saw in training is
+what it sees in production.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812
+from pydantic import BaseModel, ConfigDict
+
+from dicom_router import LABELS
+from dicom_router.dicom.decode import decode_bytes
+from dicom_router.dicom.deid import acquisition_fields
+from dicom_router.dicom.errors import DicomInputError
+
+BUNDLE_FILES = ("model.onnx", "labels.json", "preprocess.json", "card.json")
+VIEW_GROUPS = ("PA", "AP", "LAT", "OTHER")
+METADATA_FEATURES: tuple[str, ...] = (
+    "age_years",
+    "age_missing",
+    *(f"view_{v.lower()}" for v in VIEW_GROUPS),
+    "view_missing",
+    "pixel_spacing_mm",
+    "pixel_spacing_missing",
+    "monochrome1",
+    "modality_cr",
+    "modality_dx",
+    "modality_other",
+    "log_aspect",
+)
+"""Header features that survive de-identification, each with a missing indicator where it can be absent,
+so a fusion model works on any header."""
+
+
+class PreprocessConfig(BaseModel):
+    """Everything needed to turn a decoded DICOM image into the model input (``preprocess.json``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image_size: int = 256
+    """The square input side: the image is scaled to fit (aspect kept) and padded with black."""
+    metadata: bool = False
+    """Whether the model also takes the header features (``meta`` input, METADATA_FEATURES order)."""
+
+    def fingerprint(self) -> str:
+        return f"s{self.image_size}"
+
+
+def letterbox(pixels: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
+    """Scale the longer side to ``size`` (antialiased bilinear), pad the rest with black (0)."""
+    h, w = pixels.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    with torch.no_grad():
+        resized = F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(pixels))[None, None],
+            size=(nh, nw),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0, 0]
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = resized.clamp_(0.0, 1.0).numpy()
+    return out
+
+
+def metadata_vector(fields: Mapping[str, Any]) -> npt.NDArray[np.float32]:
+    """Catalog/acquisition fields → METADATA_FEATURES (missing values are zeros plus an indicator)."""
+    age = _number(fields.get("age_years"))
+    view = str(fields.get("view_position") or "").upper()
+    group = (
+        "PA"
+        if view == "PA"
+        else "AP"
+        if view == "AP"
+        else "LAT"
+        if view in ("LL", "RL", "LAT", "LATERAL")
+        else "OTHER"
+    )
+    spacing = _number(fields.get("pixel_spacing"))
+    modality = str(fields.get("modality") or "").upper()
+    rows, columns = _number(fields.get("rows")), _number(fields.get("columns"))
+    values = [
+        (age or 0.0) / 100.0,
+        float(age is None),
+        *(float(bool(view) and group == g) for g in VIEW_GROUPS),
+        float(not view),
+        min(spacing or 0.0, 1.0),
+        float(spacing is None),
+        float(str(fields.get("photometric") or "") == "MONOCHROME1"),
+        float(modality == "CR"),
+        float(modality == "DX"),
+        float(modality not in ("CR", "DX")),
+        math.log(rows / columns) if rows and columns else 0.0,
+    ]
+    return np.asarray(values, dtype=np.float32)
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+@dataclass(frozen=True)
+class Prepared:
+    image: npt.NDArray[np.float32]
+    """``[1, S, S]`` in [0, 1]."""
+    meta: npt.NDArray[np.float32]
+
+
+def prepare(data: bytes, path: str, config: PreprocessConfig, *, max_pixels: int) -> Prepared:
+    """DICOM bytes → model inputs; typed errors for bad input."""
+    decoded = decode_bytes(data, path, max_pixels=max_pixels)
+    image = letterbox(decoded.pixels, config.image_size)[None]
+    return Prepared(image, metadata_vector(acquisition_fields(decoded.dataset)))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+
+
+class Bundle:
+    """The contract's model bundle on disk, run with ONNX Runtime (CUDA provider when available)."""
+
+    def __init__(self, path: Path, *, name: str = "bodypart-router", version: str = "local") -> None:
+        import onnxruntime as ort
+
+        missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} is not a model bundle: missing {', '.join(missing)}")
+        self.path = path
+        self.name = name
+        self.version = version
+        self.labels: list[str] = json.loads((path / "labels.json").read_text())
+        self.preprocess = PreprocessConfig.model_validate_json((path / "preprocess.json").read_text())
+        self.card: dict[str, Any] = json.loads((path / "card.json").read_text())
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=providers)
+
+    def run(
+        self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Batched inputs → (probabilities ``[n, 5]``, embeddings ``[n, D]``)."""
+        feeds = {"image": np.ascontiguousarray(images, dtype=np.float32)}
+        if self.preprocess.metadata:
+            if meta is None:
+                raise ValueError("this model also takes header features (meta)")
+            feeds["meta"] = np.ascontiguousarray(meta, dtype=np.float32)
+        probabilities, embedding = self.session.run(["probabilities", "embedding"], feeds)
+        return np.asarray(probabilities), np.asarray(embedding)
+
+    def prediction(self, probabilities: npt.NDArray[np.float32]) -> Prediction:
+        best = int(np.argmax(probabilities))
+        return Prediction(
+            self.labels[best],
+            float(probabilities[best]),
+            {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)},
+        )
+
+    def predict_items(
+        self, items: Sequence[tuple[str, bytes]], *, max_pixels: int, batch_size: int = 32
+    ) -> tuple[list[Prediction | DicomInputError], float]:
+        """Classify (path, bytes) pairs in batches; bad inputs come back as their typed error.
+
+        Returns the results in input order and the mean milliseconds per classified image.
+        """
+        results: list[Prediction | DicomInputError | None] = [None] * len(items)
+        start = time.perf_counter()
+        done = 0
+        for offset in range(0, len(items), batch_size):
+            batch: list[tuple[int, Prepared]] = []
+            for i, (path, data) in enumerate(items[offset : offset + batch_size], start=offset):
+                try:
+                    batch.append((i, prepare(data, path, self.preprocess, max_pixels=max_pixels)))
+                except DicomInputError as exc:
+                    results[i] = exc
+            if not batch:
+                continue
+            probabilities, _ = self.run(
+                np.stack([p.image for _, p in batch]), np.stack([p.meta for _, p in batch])
+            )
+            for (i, _), row in zip(batch, probabilities, strict=True):
+                results[i] = self.prediction(row)
+            done += len(batch)
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        final = [r for r in results if r is not None]
+        return final, elapsed_ms / max(done, 1)
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    if tuple(labels) != LABELS:
+        raise ValueError(f"model labels {list(labels)} differ from the contract's {list(LABELS)}")

@@ -1,0 +1,93 @@
+"""Scoring bundles on labelled DICOM and the promotion gate's orchestration.
+
+Both candidate and champion are re-scored, through the serving code path, on the candidate's persisted
+test split, so the comparison is like for like whatever each model was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dicom_router import LABELS
+from dicom_router.config import Settings
+from dicom_router.dicom.errors import DicomInputError
+from dicom_router.evaluate import evaluation_report
+from dicom_router.inference import Bundle, Prediction
+from dicom_router.registry import (
+    Scores,
+    champion_version,
+    decide,
+    decision_document,
+    load_bundle,
+    model_version,
+    newest_candidate,
+    record_decision,
+    scores_from_report,
+)
+from dicom_router.storage import open_store
+
+
+def score(bundle: Bundle, source: str, items: Sequence[dict[str, str]], settings: Settings) -> dict[str, Any]:
+    """The contract's ``evaluate`` document for ``items`` (``key``, ``label``) under ``source``."""
+    store = open_store(source, settings)
+    base = store.uri.rstrip("/")
+    payloads = [(f"{base}/{item['key']}", store.read(item["key"])) for item in items]
+    results, ms = bundle.predict_items(payloads, max_pixels=settings.max_image_pixels)
+    truth, probabilities, errors = [], [], []
+    for item, result in zip(items, results, strict=True):
+        if isinstance(result, DicomInputError):
+            errors.append({"file": result.path, **result.as_dict()})
+        else:
+            truth.append(LABELS.index(item["label"]))
+            probabilities.append([result.probabilities[label] for label in LABELS])
+    if not truth:
+        raise ValueError(f"none of the {len(items)} test images could be classified")
+    return evaluation_report(np.array(truth), np.array(probabilities), LABELS, ms, errors=errors)
+
+
+def promote(settings: Settings, *, version: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the gate for ``version`` (default: the newest candidate) and record the decision."""
+    name = settings.registered_model
+    candidate = (
+        newest_candidate(settings)
+        if version is None
+        else model_version(settings, f"models:/{name}/{version}")
+    )
+    champion = champion_version(settings)
+    bundle = load_bundle(settings, f"models:/{name}/{candidate.version}")
+    items, source = bundle.card["test_items"], bundle.card["source"]
+    candidate_scores = scores_from_report(str(candidate.version), score(bundle, source, items, settings))
+    champion_scores: Scores | None = None
+    promoted, reason = False, ""
+    if champion is not None and champion.version == candidate.version:
+        reason = f"version {candidate.version} is already the champion"
+    else:
+        if champion is not None:
+            current = load_bundle(settings, f"models:/{name}/{champion.version}")
+            if current.labels != bundle.labels:
+                reason = f"the champion's labels {current.labels} differ from the candidate's {bundle.labels}"
+            else:
+                champion_scores = scores_from_report(
+                    str(champion.version), score(current, source, items, settings)
+                )
+        if not reason:
+            promoted, reason = decide(
+                candidate_scores, champion_scores, margin=settings.gate_margin, floor=settings.gate_floor
+            )
+    if force and not promoted and champion is not None and champion.version == candidate.version:
+        force = False  # nothing to force: it already serves
+    if force and not promoted:
+        promoted, reason = True, f"forced by an operator (the gate said: {reason})"
+    decision = decision_document(promoted, candidate_scores, champion_scores, reason, forced=force)
+    record_decision(settings, str(candidate.version), decision, promoted)
+    return decision
+
+
+def prediction_record(path: str, result: Prediction | DicomInputError, bundle: Bundle) -> dict[str, Any]:
+    """The contract's ``predict`` JSON entry."""
+    if isinstance(result, DicomInputError):
+        return {"file": path, "error": result.as_dict()}
+    return {"file": path, **result.as_dict(), "model": bundle.name, "version": bundle.version}

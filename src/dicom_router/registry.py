@@ -1,0 +1,203 @@
+"""MLflow: candidate runs, the registered model ``bodypart-router``, the promotion gate and its history.
+
+The embedded default is SQLite with artifacts in ``data_dir/mlflow``; a tracking server URI works the
+same. Every gate decision is written on the model version (tags) and as one run of the
+``bodypart-router-promotions`` experiment, an append-only log that answers "which model was in
+production when" from any client of the tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from dicom_router import LABELS
+from dicom_router.config import Settings
+from dicom_router.inference import Bundle
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_EXPERIMENT = "bodypart-router-candidates"
+PROMOTIONS_EXPERIMENT = "bodypart-router-promotions"
+CHAMPION = "champion"
+
+
+def tracking_uri(settings: Settings) -> str:
+    return settings.mlflow_tracking_uri or f"sqlite:///{settings.data_dir / 'mlflow' / 'mlflow.db'}"
+
+
+def connect(settings: Settings) -> MlflowClient:
+    """Point MLflow at the deployment's tracking store (creating the local one on first use)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if settings.mlflow_tracking_uri is None:
+        (settings.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    mlflow.set_registry_uri(tracking_uri(settings))
+    return MlflowClient()
+
+
+def experiment(settings: Settings, name: str) -> str:
+    """Experiment id; local stores keep artifacts under ``data_dir/mlflow/artifacts``, not the cwd."""
+    client = connect(settings)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if settings.mlflow_tracking_uri is None:
+        location = (settings.data_dir / "mlflow" / "artifacts" / name).as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+# --- resolving MODEL_URI ----------------------------------------------------------------------------
+
+
+def model_version(settings: Settings, uri: str) -> ModelVersion:
+    """``models:/name@alias`` or ``models:/name/version`` → the registry's model version."""
+    client = connect(settings)
+    spec = uri.removeprefix("models:/")
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = spec.partition("/")
+    return client.get_model_version(name, version)
+
+
+def load_bundle(settings: Settings, uri: str) -> Bundle:
+    """A MODEL_URI (MLflow URI or local bundle directory) → a runnable bundle."""
+    if not uri.startswith("models:/"):
+        return Bundle(Path(uri))
+    version = model_version(settings, uri)
+    target = settings.data_dir / "models" / version.name / str(version.version)
+    if not (target / "model.onnx").is_file():
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(target)
+        )
+    return Bundle(target, name=version.name, version=str(version.version))
+
+
+# --- registering a candidate -----------------------------------------------------------------------
+
+
+def register_bundle(settings: Settings, run_id: str, tags: dict[str, str]) -> ModelVersion:
+    """Register the run's ``bundle`` artifact as a new version of the model, tagged ``candidate``."""
+    client = connect(settings)
+    version = mlflow.register_model(f"runs:/{run_id}/bundle", settings.registered_model)
+    for key, value in {"role": "candidate", **tags}.items():
+        client.set_model_version_tag(settings.registered_model, version.version, key, value)
+    log.info("registered %s version %s (candidate)", settings.registered_model, version.version)
+    return version
+
+
+# --- the promotion gate ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    version: str
+    macro_f1: float
+    recall: dict[str, float]
+
+
+def decide(candidate: Scores, champion: Scores | None, *, margin: float, floor: float) -> tuple[bool, str]:
+    """The gate, as a pure rule: higher macro-F1 and no class's recall down by more than ``margin``;
+    the first model needs macro-F1 >= ``floor``."""
+    if champion is None:
+        if candidate.macro_f1 >= floor:
+            return True, f"first model: macro-F1 {candidate.macro_f1:.4f} >= floor {floor:.2f}"
+        return False, f"first model: macro-F1 {candidate.macro_f1:.4f} below the floor {floor:.2f}"
+    if candidate.macro_f1 <= champion.macro_f1:
+        return False, (
+            f"macro-F1 {candidate.macro_f1:.4f} not above the champion's {champion.macro_f1:.4f} "
+            f"(version {champion.version})"
+        )
+    drops = {
+        label: champion.recall[label] - candidate.recall[label]
+        for label in LABELS
+        if champion.recall[label] - candidate.recall[label] > margin + 1e-12
+    }
+    if drops:
+        worst = ", ".join(f"{label} -{drop:.4f}" for label, drop in sorted(drops.items()))
+        return False, f"recall drops by more than {margin:.2f}: {worst}"
+    return True, (
+        f"macro-F1 {candidate.macro_f1:.4f} > champion's {champion.macro_f1:.4f} (version "
+        f"{champion.version}); no class recall down by more than {margin:.2f}"
+    )
+
+
+def scores_from_report(version: str, report: dict[str, Any]) -> Scores:
+    return Scores(
+        version,
+        float(report["macro_f1"]),
+        {label: float(report["per_class"][label]["recall"]) for label in LABELS},
+    )
+
+
+def newest_candidate(settings: Settings) -> ModelVersion:
+    client = connect(settings)
+    versions = client.search_model_versions(f"name = '{settings.registered_model}'")
+    candidates = [v for v in versions if v.tags.get("role") == "candidate"]
+    if not candidates:
+        raise LookupError(f"no candidate version of {settings.registered_model} is registered")
+    return max(candidates, key=lambda v: int(v.version))
+
+
+def champion_version(settings: Settings) -> ModelVersion | None:
+    client = connect(settings)
+    try:
+        return client.get_model_version_by_alias(settings.registered_model, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def record_decision(settings: Settings, version: str, decision: dict[str, Any], promoted: bool) -> None:
+    """Tags on the version, the alias when promoted, and one run in the append-only history."""
+    client = connect(settings)
+    name = settings.registered_model
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "gate.decision", "promoted" if promoted else "refused")
+    client.set_model_version_tag(name, version, "gate.reason", decision["reason"])
+    client.set_model_version_tag(name, version, "gate.at", decision["at"])
+    with mlflow.start_run(experiment_id=experiment(settings, PROMOTIONS_EXPERIMENT), run_name=f"v{version}"):
+        mlflow.set_tags({"decision": json.dumps(decision), "promoted": str(promoted), "version": version})
+        mlflow.log_dict(decision, "decision.json")
+    log.info("%s version %s %s: %s", name, version, "promoted" if promoted else "refused", decision["reason"])
+
+
+def history(settings: Settings) -> list[dict[str, Any]]:
+    """Every gate decision, oldest first."""
+    client = connect(settings)
+    found = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id], order_by=["attributes.start_time ASC"], max_results=50_000
+    )
+    return [json.loads(run.data.tags["decision"]) for run in runs if "decision" in run.data.tags]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def decision_document(
+    promoted: bool, candidate: Scores, champion: Scores | None, reason: str, *, forced: bool = False
+) -> dict[str, Any]:
+    """The contract's ``promote`` JSON (plus ``at`` and ``forced``)."""
+    return {
+        "promoted": promoted,
+        "candidate": asdict(candidate),
+        "champion": asdict(champion) if champion else None,
+        "reason": reason,
+        "forced": forced,
+        "at": now(),
+    }
