@@ -1,0 +1,101 @@
+"""Training data: no patient in two splits, stratified, seeded; preprocessed images cached once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dicom_router import LABELS
+from dicom_router.candidates import load_labelled
+from dicom_router.config import Settings
+from dicom_router.data import XrayDataset, augment, build_cache, class_weights, split_examples
+from dicom_router.inference import PreprocessConfig
+from dicom_router.synth import synthesize
+
+
+def _frame(n_patients: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        label = LABELS[p % len(LABELS)]
+        for i in range(int(rng.integers(1, 4))):
+            rows.append({"patient_hash": f"p{p}", "sop_uid_hash": f"p{p}-{i}", "label": label})
+    return pd.DataFrame(rows)
+
+
+def test_no_patient_is_in_two_splits() -> None:
+    frame = _frame(200)
+    split = split_examples(frame, seed=1)
+    where = frame.assign(split=frame["sop_uid_hash"].map(split.assignment))
+    assert where["split"].notna().all()
+    assert (where.groupby("patient_hash")["split"].nunique() == 1).all()
+
+
+def test_each_label_is_split_about_70_15_15() -> None:
+    frame = _frame(400)
+    split = split_examples(frame, seed=2)
+    where = frame.assign(split=frame["sop_uid_hash"].map(split.assignment))
+    shares = where.groupby("label")["split"].value_counts(normalize=True).unstack()
+    assert np.allclose(shares["train"], 0.70, atol=0.05)
+    assert np.allclose(shares["val"], 0.15, atol=0.05) and np.allclose(shares["test"], 0.15, atol=0.05)
+
+
+def test_the_split_is_seeded_and_fingerprinted() -> None:
+    frame = _frame(100)
+    a, b, c = split_examples(frame, seed=3), split_examples(frame, seed=3), split_examples(frame, seed=4)
+    assert a.assignment == b.assignment and a.fingerprint == b.fingerprint
+    assert a.fingerprint != c.fingerprint
+    assert type(a).from_json(a.to_json()).fingerprint == a.fingerprint
+
+
+def test_instances_without_a_patient_are_their_own_group() -> None:
+    frame = pd.DataFrame(
+        {"patient_hash": [None] * 20, "sop_uid_hash": [f"s{i}" for i in range(20)], "label": ["spine"] * 20}
+    )
+    split = split_examples(frame, seed=0)
+    assert sorted(set(split.assignment.values())) == ["test", "train", "val"]
+
+
+def test_the_cache_serves_a_second_run_without_decoding(tmp_path: Path, settings: Settings) -> None:
+    data = tmp_path / "dicoms"
+    synthesize(data, 12, seed=2, long_side_px=64)
+    labelled = load_labelled(settings, data=str(data))
+    config = PreprocessConfig(image_size=32)
+    first, errors = build_cache(labelled.frame, labelled.source, config, settings, progress=False)
+    assert not errors and first.images.shape == (12, 32, 32) and first.images.dtype == np.uint16
+    shutil.rmtree(data)  # the DICOM files are gone: only the cache can answer now
+    second, _ = build_cache(labelled.frame, labelled.source, config, settings, progress=False)
+    np.testing.assert_array_equal(first.images, second.images)
+    assert first.keys == second.keys and (first.labels == second.labels).all()
+
+
+def test_augmentation_keeps_shape_range_and_is_seeded() -> None:
+    image = torch.rand(1, 32, 32)
+    a = augment(image, torch.Generator().manual_seed(1))
+    b = augment(image, torch.Generator().manual_seed(1))
+    assert a.shape == image.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert torch.equal(a, b) and not torch.equal(a, image)
+
+
+def test_balanced_weights_give_every_class_the_same_total() -> None:
+    labels = np.array([0, 0, 0, 1, 3, 3], dtype=np.int64)
+    weights = class_weights(labels)
+    totals = np.bincount(labels, weights=weights, minlength=5)
+    assert totals[[0, 1, 3]] == pytest.approx([1.0, 1.0, 1.0]) and totals[[2, 4]].sum() == 0
+
+
+def test_the_dataset_yields_unit_range_images_and_labels(tmp_path: Path, settings: Settings) -> None:
+    data = tmp_path / "dicoms"
+    synthesize(data, 10, seed=4, long_side_px=64)
+    labelled = load_labelled(settings, data=str(data))
+    cached, _ = build_cache(
+        labelled.frame, labelled.source, PreprocessConfig(image_size=32), settings, progress=False
+    )
+    image, meta, label = XrayDataset(cached, train=False)[0]
+    assert image.shape == (1, 32, 32) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
+    assert meta.ndim == 1 and int(label) in range(5)

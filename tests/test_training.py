@@ -1,0 +1,138 @@
+"""Train → register → promote → predict → evaluate, end to end through the CLI on synthetic data,
+with MLflow (SQLite) and ONNX Runtime for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_router import LABELS
+from dicom_router.config import Settings
+from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig, letterbox, metadata_vector
+from dicom_router.models import BodyPartNet, export_bundle
+from dicom_router.registry import connect
+from dicom_router.synth import synthesize
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("labelled")
+    synthesize(folder, 60, sites=3, seed=21, long_side_px=64)
+    return folder
+
+
+def _json(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> object:
+    result = run_cli(*args, "--json", env=env)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, settings: Settings) -> None:
+    data = str(labelled_folder)
+    train = [
+        "train",
+        "--data",
+        data,
+        "--epochs",
+        "2",
+        "--image-size",
+        "48",
+        "--arch",
+        "resnet18",
+        "--register",
+    ]
+    [first] = _json(*train)  # type: ignore[misc]
+    assert first["version"] == "1" and 0.0 <= first["test_macro_f1"] <= 1.0
+
+    refused = _json("promote", env={"DICOM_ROUTER_GATE_FLOOR": "1.01"}, expect=4)
+    assert refused["promoted"] is False and "floor" in refused["reason"] and refused["champion"] is None
+    assert set(refused["candidate"]["recall"]) == set(LABELS)
+    promoted = _json("promote", env={"DICOM_ROUTER_GATE_FLOOR": "0"})
+    assert promoted["promoted"] is True
+    client = connect(settings)
+    assert str(client.get_model_version_by_alias("bodypart-router", "champion").version) == "1"
+    tags = client.get_model_version("bodypart-router", "1").tags
+    assert tags["role"] == "candidate" and tags["gate.decision"] == "promoted"
+
+    files = sorted(str(p) for p in labelled_folder.rglob("*.dcm"))[:3]
+    predictions = _json("predict", *files)
+    assert isinstance(predictions, list) and len(predictions) == 3
+    for p in predictions:
+        assert p["label"] in LABELS and p["model"] == "bodypart-router" and p["version"] == "1"
+        assert list(p["probabilities"]) == list(LABELS) and sum(p["probabilities"].values()) == pytest.approx(
+            1.0
+        )
+
+    report = _json(
+        "evaluate", "--model", "models:/bodypart-router@champion", "--data", data, "--split", "test"
+    )
+    assert isinstance(report, dict) and report["labels"] == list(LABELS)
+    bundle = Bundle(settings.data_dir / "models" / "bodypart-router" / "1")
+    assert report["n"] == len(bundle.card["test_items"])
+    assert np.asarray(report["confusion_matrix"]).shape == (5, 5)
+
+    second = _json(*train, "--fusion", "--seed", "0")
+    assert [c["metadata"] for c in second] == [False, True]  # type: ignore[index]
+    decision = run_cli("promote", "--json", env={"DICOM_ROUTER_GATE_FLOOR": "0"})
+    assert decision.returncode in (0, 4), decision.stderr[-2000:]
+    judged = json.loads(decision.stdout)
+    assert judged["candidate"]["version"] == "3" and judged["champion"]["version"] == "1"
+
+    rollback = _json("promote", "--version", "1", "--force")
+    assert rollback["promoted"] is True and rollback["candidate"]["version"] == "1"
+    history = _json("promote", "--history")
+    assert isinstance(history, list) and [h["candidate"]["version"] for h in history] == ["1", "1", "3", "1"]
+    assert all("at" in h for h in history)
+
+
+def test_the_onnx_bundle_matches_the_torch_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = BodyPartNet("resnet18", metadata=True).eval()
+    bundle_dir = export_bundle(
+        net, PreprocessConfig(image_size=32, metadata=True), {"note": "test"}, tmp_path / "b"
+    )
+    bundle = Bundle(bundle_dir)
+    images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    meta = np.random.default_rng(1).random((3, len(METADATA_FEATURES)), dtype=np.float32)
+    probabilities, embedding = bundle.run(images, meta)
+    with torch.no_grad():
+        logits, expected_embedding = net(torch.from_numpy(images), torch.from_numpy(meta))
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(embedding, expected_embedding.numpy(), atol=1e-4)
+    assert json.loads((bundle_dir / "labels.json").read_text()) == list(LABELS)
+
+
+def test_letterbox_keeps_the_aspect_and_pads_with_black() -> None:
+    image = np.ones((20, 40), dtype=np.float32)
+    out = letterbox(image, 16)
+    assert out.shape == (16, 16)
+    assert (out[:4] == 0).all() and (out[-4:] == 0).all() and out[8, 8] == pytest.approx(1.0)
+
+
+def test_header_features_work_when_fields_are_missing() -> None:
+    empty = metadata_vector({})
+    full = metadata_vector(
+        {
+            "age_years": 7,
+            "view_position": "AP",
+            "pixel_spacing": 0.15,
+            "photometric": "MONOCHROME1",
+            "modality": "CR",
+            "rows": 200,
+            "columns": 100,
+        }
+    )
+    assert empty.shape == full.shape == (len(METADATA_FEATURES),)
+    named = dict(zip(METADATA_FEATURES, empty, strict=True))
+    assert (
+        named["age_missing"] == 1.0 and named["view_missing"] == 1.0 and named["pixel_spacing_missing"] == 1.0
+    )
+    named = dict(zip(METADATA_FEATURES, full, strict=True))
+    assert (
+        named["age_years"] == pytest.approx(0.07) and named["view_ap"] == 1.0 and named["modality_cr"] == 1.0
+    )
