@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _json(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> object:
+def _json(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> Any:
     result = run_cli(*args, "--json", env=env)
     assert result.returncode == expect, result.stderr[-3000:]
     return json.loads(result.stdout)
@@ -46,7 +47,7 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
         "resnet18",
         "--register",
     ]
-    [first] = _json(*train)  # type: ignore[misc]
+    [first] = _json(*train)
     assert first["version"] == "1" and 0.0 <= first["test_macro_f1"] <= 1.0
 
     refused = _json("promote", env={"DICOM_ROUTER_GATE_FLOOR": "1.01"}, expect=4)
@@ -77,7 +78,7 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert np.asarray(report["confusion_matrix"]).shape == (5, 5)
 
     second = _json(*train, "--fusion", "--seed", "0")
-    assert [c["metadata"] for c in second] == [False, True]  # type: ignore[index]
+    assert [c["metadata"] for c in second] == [False, True]
     decision = run_cli("promote", "--json", env={"DICOM_ROUTER_GATE_FLOOR": "0"})
     assert decision.returncode in (0, 4), decision.stderr[-2000:]
     judged = json.loads(decision.stdout)
