@@ -84,10 +84,15 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     judged = json.loads(decision.stdout)
     assert judged["candidate"]["version"] == "3" and judged["champion"]["version"] == "1"
 
-    rollback = _json("promote", "--version", "1", "--force")
-    assert rollback["promoted"] is True and rollback["candidate"]["version"] == "1"
+    other = "1" if judged["promoted"] else "3"  # roll back, or override the gate's refusal
+    forced = _json("promote", "--version", other, "--force")
+    assert forced["promoted"] is True and forced["candidate"]["version"] == other
+    assert str(client.get_model_version_by_alias("bodypart-router", "champion").version) == other
+    again = _json("promote", "--version", other)
+    assert again["promoted"] is True and "already the champion" in again["reason"]
     history = _json("promote", "--history")
-    assert isinstance(history, list) and [h["candidate"]["version"] for h in history] == ["1", "1", "3", "1"]
+    assert [h["candidate"]["version"] for h in history] == ["1", "1", "3", other, other]
+    assert [h["forced"] for h in history] == [False, False, False, True, False]
     assert all("at" in h for h in history)
 
 

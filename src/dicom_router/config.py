@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     """Promotion gate: the macro-F1 the first model must reach."""
 
     @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.data_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
     def cache_location(self) -> str:
         return self.cache_uri or str(self.data_dir / "cache")
 

@@ -63,7 +63,7 @@ def promote(settings: Settings, *, version: str | None = None, force: bool = Fal
     champion_scores: Scores | None = None
     promoted, reason = False, ""
     if champion is not None and champion.version == candidate.version:
-        reason = f"version {candidate.version} is already the champion"
+        promoted, reason = True, f"version {candidate.version} is already the champion: nothing changes"
     else:
         if champion is not None:
             current = load_bundle(settings, f"models:/{name}/{champion.version}")
@@ -77,8 +77,6 @@ def promote(settings: Settings, *, version: str | None = None, force: bool = Fal
             promoted, reason = decide(
                 candidate_scores, champion_scores, margin=settings.gate_margin, floor=settings.gate_floor
             )
-    if force and not promoted and champion is not None and champion.version == candidate.version:
-        force = False  # nothing to force: it already serves
     if force and not promoted:
         promoted, reason = True, f"forced by an operator (the gate said: {reason})"
     decision = decision_document(promoted, candidate_scores, champion_scores, reason, forced=force)

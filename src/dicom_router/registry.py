@@ -31,17 +31,13 @@ PROMOTIONS_EXPERIMENT = "bodypart-router-promotions"
 CHAMPION = "champion"
 
 
-def tracking_uri(settings: Settings) -> str:
-    return settings.mlflow_tracking_uri or f"sqlite:///{settings.data_dir / 'mlflow' / 'mlflow.db'}"
-
-
 def connect(settings: Settings) -> MlflowClient:
     """Point MLflow at the deployment's tracking store (creating the local one on first use)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.mlflow_tracking_uri is None:
         (settings.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri(settings))
-    mlflow.set_registry_uri(tracking_uri(settings))
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
     return MlflowClient()
 
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,16 +208,72 @@ def s3_running(settings: Settings) -> bool:
     return True
 
 
+# --- MLflow: the tracking UI over the deployment's store -------------------------------------------
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def mlflow_up(settings: Settings) -> str:
+    """The MLflow server (UI + REST) over the same SQLite store the library writes; returns its URL.
+
+    With ``mlflow_tracking_uri`` configured the deployment already has a server: nothing is started.
+    """
+    if settings.mlflow_tracking_uri:
+        return settings.mlflow_tracking_uri
+    proc = Process("mlflow", settings)
+    port = proc.state().get("port") or free_port()
+    url = f"http://{HOST}:{port}"
+    (settings.data_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+    proc.save_state({"url": url, "port": port})
+    argv = [
+        _tool("mlflow"),
+        "server",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--default-artifact-root",
+        (settings.data_dir / "mlflow" / "artifacts").as_uri(),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc.start(argv, lambda: _http_ok(f"{url}/health"), env={"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    return url
+
+
+def mlflow_status(settings: Settings) -> dict[str, Any]:
+    if settings.mlflow_tracking_uri:
+        uri = settings.mlflow_tracking_uri
+        return {"uri": uri, "running": uri.startswith("http") and _http_ok(f"{uri.rstrip('/')}/health")}
+    url = Process("mlflow", settings).state().get("url")
+    return {
+        "uri": url,
+        "running": bool(url) and Process("mlflow", settings).pid() is not None and _http_ok(f"{url}/health"),
+    }
+
+
 # --- the whole stack ------------------------------------------------------------------------------
+
+SERVICES = ("s3", "mlflow")
 
 
 def up(settings: Settings) -> dict[str, Any]:
     s3_up(settings)
+    mlflow_up(settings)
     return status(settings)
 
 
 def down(settings: Settings) -> dict[str, Any]:
-    Process("s3", settings).stop()
+    for name in SERVICES:
+        Process(name, settings).stop()
     return status(settings)
 
 
@@ -225,7 +282,7 @@ def status(settings: Settings) -> dict[str, Any]:
     s3_state = Process("s3", settings).state()
     return {
         "s3": {"endpoint": s3_state.get("endpoint"), "running": s3_running(settings)},
-        "mlflow": {"uri": None, "running": False},
+        "mlflow": mlflow_status(settings),
         "model_server": {"url": None, "running": False},
         "orthanc": {
             "url": None,
