@@ -13,7 +13,7 @@ import torch
 from dicom_router import LABELS
 from dicom_router.candidates import load_labelled
 from dicom_router.config import Settings
-from dicom_router.data import XrayDataset, augment, build_cache, class_weights, split_examples
+from dicom_router.data import XrayDataset, augment, build_cache, class_weights, grouped_folds, split_examples
 from dicom_router.inference import PreprocessConfig
 from dicom_router.synth import synthesize
 
@@ -99,3 +99,20 @@ def test_the_dataset_yields_unit_range_images_and_labels(tmp_path: Path, setting
     image, meta, label = XrayDataset(cached, train=False)[0]
     assert image.shape == (1, 32, 32) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
     assert meta.ndim == 1 and int(label) in range(5)
+
+
+def test_grouped_folds_keep_each_source_of_a_multi_source_label_in_one_fold() -> None:
+    frame = pd.DataFrame(
+        {
+            "sop_uid_hash": [f"i{n}" for n in range(30)],
+            "label": ["adult_chest"] * 18 + ["spine"] * 12,
+            "source": ["openi"] * 8 + ["covid"] * 7 + ["nema"] * 3 + ["cadma"] * 12,
+        }
+    )
+    folds = grouped_folds(frame, "source", 3, seed=0)
+    where = frame.assign(fold=frame["sop_uid_hash"].map(folds))
+    chest = where[where["label"] == "adult_chest"]
+    assert (chest.groupby("source")["fold"].nunique() == 1).all()
+    assert chest.groupby("source")["fold"].first().nunique() == 3
+    spine = where[where["label"] == "spine"]
+    assert sorted(spine["fold"].value_counts()) == [4, 4, 4]

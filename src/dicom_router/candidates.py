@@ -24,13 +24,13 @@ from mlflow.models import infer_signature
 from dicom_router import LABELS
 from dicom_router.catalog import ingest, read_catalog
 from dicom_router.config import Settings
-from dicom_router.data import CachedImages, Split, build_cache, split_examples
+from dicom_router.data import CachedImages, Split, build_cache, grouped_folds, split_examples
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.evaluate import evaluation_report, plot_confusion_matrix, plot_reliability
 from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig
 from dicom_router.models import export_bundle
 from dicom_router.registry import CANDIDATES_EXPERIMENT, experiment, register_bundle
-from dicom_router.train import TrainConfig, train_candidate
+from dicom_router.train import TrainConfig, predict_probabilities, train_candidate
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +208,72 @@ def train_candidates(
             )
             results.append(Candidate(config, run.info.run_id, version, report))
     return results, errors
+
+
+def cross_validate(
+    settings: Settings,
+    labelled: Labelled,
+    config: TrainConfig,
+    *,
+    group_by: str,
+    folds: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Group-wise cross-validation (e.g. by public collection): every image is tested once by a model
+    that never saw its group; the pooled predictions give the report, logged as one MLflow run."""
+    if group_by not in labelled.frame.columns:
+        raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
+    cached, _ = build_cache(
+        labelled.frame,
+        labelled.source,
+        PreprocessConfig(image_size=config.image_size),
+        settings,
+        progress=progress,
+    )
+    frame = labelled.frame[labelled.frame["sop_uid_hash"].isin(cached.keys)]
+    assignment = grouped_folds(frame, group_by, folds, seed=seed)
+    truth: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []
+    with (
+        mlflow.start_run(
+            experiment_id=experiment(settings, CANDIDATES_EXPERIMENT), run_name=f"cv-{group_by}-{config.arch}"
+        ),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        mlflow.log_params({**config.model_dump(), "cv_group_by": group_by, "cv_folds": folds})
+        mlflow.log_param("data_fingerprint", labelled.fingerprint)
+        for fold in range(folds):
+            test_keys = [k for k, f in assignment.items() if f == fold]
+            rest = frame[~frame["sop_uid_hash"].isin(test_keys)]
+            inner = split_examples(rest, seed=seed + fold, fractions=(0.85, 0.15, 0.0))
+            train_keys = [k for k, s in inner.assignment.items() if s != "val"]
+            result = train_candidate(
+                config.model_copy(update={"seed": seed + fold}),
+                cached.select(train_keys),
+                cached.select(inner.of("val")),
+                Path(tmp) / f"fold{fold}.pt",
+                progress=progress,
+            )
+            test = cached.select(test_keys)
+            probabilities = predict_probabilities(result.net, test)
+            fold_f1 = evaluation_report(test.labels, probabilities, LABELS, 0.0, resamples=200)["macro_f1"]
+            mlflow.log_metric("fold_macro_f1", fold_f1, step=fold)
+            log.info(
+                "cv fold %d/%d (%d test images): macro-F1 %.4f", fold + 1, folds, len(test.keys), fold_f1
+            )
+            truth.append(test.labels)
+            pooled.append(probabilities)
+        report = evaluation_report(np.concatenate(truth), np.concatenate(pooled), LABELS, 0.0)
+        mlflow.log_dict(report, "cv_evaluation.json")
+        mlflow.log_metrics(
+            {
+                "cv_macro_f1": report["macro_f1"],
+                "cv_accuracy": report["accuracy"],
+                **{f"cv_recall_{label}": report["per_class"][label]["recall"] for label in LABELS},
+                **{f"cv_f1_{label}": report["per_class"][label]["f1"] for label in LABELS},
+            }
+        )
+        cm = np.asarray(report["confusion_matrix"])
+        mlflow.log_artifact(str(plot_confusion_matrix(cm, LABELS, Path(tmp) / "cv_confusion_matrix.png")))
+    return report

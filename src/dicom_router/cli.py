@@ -211,6 +211,8 @@ def stack(action: str, as_json: bool) -> int:
 @click.option("--seed", type=int, default=0, show_default=True, help="Split, sampling and weight seed")
 @click.option("--fusion", is_flag=True, help="Also train each architecture with header-feature fusion")
 @click.option("--register", is_flag=True, help="Register each candidate in MLflow (tag candidate)")
+@click.option("--cv-by", help="First cross-validate with folds grouped by this column (e.g. source)")
+@click.option("--folds", type=click.IntRange(min=2), default=3, show_default=True, help="Folds for --cv-by")
 @click.option("--json", "as_json", is_flag=True, help="Candidates' test metrics as JSON")
 def train(
     catalog: str | None,
@@ -223,10 +225,12 @@ def train(
     seed: int,
     fusion: bool,
     register: bool,
+    cv_by: str | None,
+    folds: int,
     as_json: bool,
 ) -> int:
     """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
-    from dicom_router.candidates import load_labelled, train_candidates
+    from dicom_router.candidates import cross_validate, load_labelled, train_candidates
     from dicom_router.train import TrainConfig
 
     if (catalog is None) == (data_dir is None):
@@ -246,6 +250,12 @@ def train(
         for arch in archs or ("mobilenetv1_100",)
         for meta in ((False, True) if fusion else (False,))
     ]
+    cv = {}
+    for config in configs if cv_by else []:
+        name = config.arch + (" +meta" if config.metadata else "")
+        cv[name] = cross_validate(settings, labelled, config, group_by=cv_by or "", folds=folds, seed=seed)
+        if not as_json:
+            _print_report(f"{name}: {folds}-fold cross-validation grouped by {cv_by}", cv[name])
     candidates, errors = train_candidates(settings, labelled, configs, register=register, seed=seed)
     _report_errors(errors)
     rows = [
@@ -256,6 +266,7 @@ def train(
             "version": c.version,
             "test_macro_f1": c.report["macro_f1"],
             "test_macro_f1_ci": c.report["macro_f1_ci"],
+            **({"cv": cv[c.config.arch + (" +meta" if c.config.metadata else "")]} if cv else {}),
         }
         for c in candidates
     ]
@@ -302,18 +313,22 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
     if as_json:
         _emit_json(report)
     else:
-        lo, hi = report["macro_f1_ci"]
-        stdout.print(
-            f"{bundle.name} {bundle.version} on {report['n']} images: accuracy {report['accuracy']:.4f}, "
-            f"macro-F1 {report['macro_f1']:.4f} [{lo:.3f}, {hi:.3f}], ECE {report['ece']:.4f}, "
-            f"{report['ms_per_image']:.1f} ms/image"
-        )
-        for label, row in report["per_class"].items():
-            stdout.print(
-                f"  {label:16} precision {row['precision']:.3f} recall {row['recall']:.3f} "
-                f"F1 {row['f1']:.3f} (n={row['support']})"
-            )
+        _print_report(f"{bundle.name} {bundle.version}", report)
     return EXIT_BAD_INPUT if report["errors"] else EXIT_OK
+
+
+def _print_report(title: str, report: dict[str, Any]) -> None:
+    lo, hi = report["macro_f1_ci"]
+    stdout.print(
+        f"{title} on {report['n']} images: accuracy {report['accuracy']:.4f}, "
+        f"macro-F1 {report['macro_f1']:.4f} [{lo:.3f}, {hi:.3f}], ECE {report['ece']:.4f}, "
+        f"{report['ms_per_image']:.1f} ms/image"
+    )
+    for label, row in report["per_class"].items():
+        stdout.print(
+            f"  {label:16} precision {row['precision']:.3f} recall {row['recall']:.3f} "
+            f"F1 {row['f1']:.3f} (n={row['support']})"
+        )
 
 
 @app.command()

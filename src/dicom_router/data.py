@@ -248,3 +248,25 @@ def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     per_class = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
     weights: npt.NDArray[np.float64] = per_class[labels]
     return weights
+
+
+def grouped_folds(frame: pd.DataFrame, column: str, k: int, *, seed: int) -> dict[str, int]:
+    """Fold (0..k-1) of each instance: for a label with several values of ``column`` (e.g. the public
+    collection an image came from) whole groups go to one fold, so a fold's test images come from a
+    source the model did not train on; a label with one source is split by image."""
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    for _, rows in frame.groupby("label", sort=True):
+        sizes = rows.groupby(rows[column].fillna("(none)"), sort=True).size().sort_values(ascending=False)
+        load = [0] * k
+        if len(sizes) >= 2:
+            for group, size in sizes.items():
+                fold = min(range(k), key=lambda f: (load[f], f))
+                load[fold] += int(size)
+                mask = rows[column].fillna("(none)") == group
+                folds.update(dict.fromkeys(map(str, rows.loc[mask, "sop_uid_hash"]), fold))
+        else:
+            keys = [str(h) for h in rows["sop_uid_hash"]]
+            for i, index in enumerate(rng.permutation(len(keys))):
+                folds[keys[index]] = i % k
+    return folds
