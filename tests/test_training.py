@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from dicom_router import LABELS
+from dicom_router.candidates import cross_validate, load_labelled
 from dicom_router.config import Settings
 from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig, letterbox, metadata_vector
 from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.registry import connect
 from dicom_router.synth import synthesize
+from dicom_router.train import TrainConfig
 from tests.conftest import run_cli
 
 
@@ -142,3 +144,19 @@ def test_header_features_work_when_fields_are_missing() -> None:
     assert (
         named["age_years"] == pytest.approx(0.07) and named["view_ap"] == 1.0 and named["modality_cr"] == 1.0
     )
+
+
+def test_cross_validation_by_group_tests_every_image_once(labelled_folder: Path, settings: Settings) -> None:
+    labelled = load_labelled(settings, data=str(labelled_folder))
+    config = TrainConfig(arch="resnet18", epochs=1, image_size=32, batch_size=16)
+    report = cross_validate(settings, labelled, config, group_by="site", folds=2, seed=0, progress=False)
+    assert report["n"] == len(labelled.frame) == 60
+    assert list(report["per_class"]) == list(LABELS)
+    client = connect(settings)
+    found = client.get_experiment_by_name("bodypart-router-candidates")
+    assert found is not None
+    [run] = client.search_runs(
+        [found.experiment_id],
+        filter_string="tags.mlflow.runName = 'cv-site-resnet18'",
+    )
+    assert run.data.metrics["cv_macro_f1"] == pytest.approx(report["macro_f1"])

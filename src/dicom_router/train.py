@@ -144,7 +144,7 @@ def train_candidate(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
                 batches += 1
                 seen += len(labels)
                 bar.advance(task)
