@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dicom_router.config import Settings
+import pytest
+
 from tests.conftest import run_cli
 
 INSPECT_KEYS = {"file", "ok", "sop_class", "modality", "transfer_syntax", "photometric", "rows", "columns"}
@@ -66,7 +67,8 @@ def test_synth_lists_profiles_and_writes_labelled_files(tmp_path: Path) -> None:
     assert run_cli("synth", str(out), "--site-profile", "nowhere").returncode == 64
 
 
-def test_ingest_writes_catalog_and_qa_and_exits_2_on_bad_objects(tmp_path: Path, settings: Settings) -> None:
+@pytest.mark.usefixtures("settings")
+def test_ingest_writes_catalog_and_qa_and_exits_2_on_bad_objects(tmp_path: Path) -> None:
     src = tmp_path / "src"
     assert run_cli("synth", str(src), "--n", "10", "--long-side", "64").returncode == 0
     (src / "broken.dcm").write_bytes(b"\x00" * 10)
@@ -81,7 +83,8 @@ def test_ingest_writes_catalog_and_qa_and_exits_2_on_bad_objects(tmp_path: Path,
     assert dest.is_file() and Path(f"{dest}.qa.json").is_file()
 
 
-def test_demo_runs_end_to_end_and_prints_the_catalog_summary(settings: Settings) -> None:
+@pytest.mark.usefixtures("settings")
+def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
     try:
         result = run_cli("demo")
         assert result.returncode == 0, result.stderr

@@ -209,7 +209,14 @@ def stack(action: str, as_json: bool) -> int:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split, sampling and weight seed")
+@click.option(
+    "--patience", type=click.IntRange(min=1), default=8, show_default=True, help="Early-stopping epochs"
+)
 @click.option("--fusion", is_flag=True, help="Also train each architecture with header-feature fusion")
+@click.option(
+    "--pretrain-synthetic", type=click.IntRange(min=0), default=0, help="Synthetic images to pretrain on"
+)
+@click.option("--pretrain-epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--register", is_flag=True, help="Register each candidate in MLflow (tag candidate)")
 @click.option("--cv-by", help="First cross-validate with folds grouped by this column (e.g. source)")
 @click.option("--folds", type=click.IntRange(min=2), default=3, show_default=True, help="Folds for --cv-by")
@@ -223,7 +230,10 @@ def train(
     batch_size: int,
     lr: float,
     seed: int,
+    patience: int,
     fusion: bool,
+    pretrain_synthetic: int,
+    pretrain_epochs: int,
     register: bool,
     cv_by: str | None,
     folds: int,
@@ -245,7 +255,10 @@ def train(
             batch_size=batch_size,
             lr=lr,
             seed=seed,
+            patience=patience,
             metadata=meta,
+            pretrain_synthetic=pretrain_synthetic,
+            pretrain_epochs=pretrain_epochs,
         )
         for arch in archs or ("mobilenetv1_100",)
         for meta in ((False, True) if fusion else (False,))

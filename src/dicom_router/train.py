@@ -49,6 +49,10 @@ class TrainConfig(BaseModel):
     balanced: bool = True
     augment: bool = True
     pretrained: bool = False
+    pretrain_synthetic: int = 0
+    """Synthetic images to pretrain the backbone on first (0: none); no weights can be downloaded here,
+    and synthetic anatomy is the legitimate prior available."""
+    pretrain_epochs: int = 10
 
 
 @dataclass
@@ -97,12 +101,19 @@ def train_candidate(
     *,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    backbone_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train with early stopping on validation macro-F1; the best weights are kept and returned."""
+    """Train with early stopping on validation macro-F1; the best weights are kept and returned.
+
+    ``backbone_state`` starts the backbone from earlier training (synthetic pretraining).
+    """
     seed_everything(config.seed)
     dev = device()
     cuda = dev.type == "cuda"
-    net = BodyPartNet(config.arch, metadata=config.metadata, pretrained=config.pretrained).to(dev)
+    net = BodyPartNet(config.arch, metadata=config.metadata, pretrained=config.pretrained)
+    if backbone_state is not None:
+        net.backbone.load_state_dict(backbone_state)
+    net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     sampler = None
