@@ -160,3 +160,15 @@ def test_cross_validation_by_group_tests_every_image_once(labelled_folder: Path,
         filter_string="tags.mlflow.runName = 'cv-site-resnet18'",
     )
     assert run.data.metrics["cv_macro_f1"] == pytest.approx(report["macro_f1"])
+
+
+def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli(
+        "train", "--data", ".", "--arch", "resnet18", "--pretrained", env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 64
+    assert "pretrained weights for resnet18 could not be loaded" in result.stderr
+    assert "drop --pretrained" in result.stderr

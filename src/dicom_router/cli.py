@@ -213,6 +213,7 @@ def stack(action: str, as_json: bool) -> int:
     "--patience", type=click.IntRange(min=1), default=8, show_default=True, help="Early-stopping epochs"
 )
 @click.option("--fusion", is_flag=True, help="Also train each architecture with header-feature fusion")
+@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (needs access to a model hub)")
 @click.option(
     "--pretrain-synthetic", type=click.IntRange(min=0), default=0, help="Synthetic images to pretrain on"
 )
@@ -232,6 +233,7 @@ def train(
     seed: int,
     patience: int,
     fusion: bool,
+    pretrained: bool,
     pretrain_synthetic: int,
     pretrain_epochs: int,
     register: bool,
@@ -241,10 +243,17 @@ def train(
 ) -> int:
     """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
     from dicom_router.candidates import cross_validate, load_labelled, train_candidates
+    from dicom_router.models import PretrainedUnavailable, backbone
     from dicom_router.train import TrainConfig
 
     if (catalog is None) == (data_dir is None):
         raise click.UsageError("give exactly one of --catalog or --data")
+    if pretrained:
+        for arch in archs or ("mobilenetv1_100",):
+            try:
+                backbone(arch, pretrained=True)
+            except PretrainedUnavailable as exc:
+                raise click.UsageError(str(exc)) from None
     settings = Settings()
     labelled = load_labelled(settings, catalog=catalog, data=data_dir)
     configs = [
@@ -257,6 +266,7 @@ def train(
             seed=seed,
             patience=patience,
             metadata=meta,
+            pretrained=pretrained,
             pretrain_synthetic=pretrain_synthetic,
             pretrain_epochs=pretrain_epochs,
         )
