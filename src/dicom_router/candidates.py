@@ -44,6 +44,14 @@ class Labelled:
     frame: pd.DataFrame
     source: str
 
+    def cached(
+        self, settings: Settings, image_size: int, *, progress: bool = True
+    ) -> tuple[CachedImages, list[DicomInputError]]:
+        """The preprocessed images at ``image_size`` (decoded once, then read from the cache)."""
+        return build_cache(
+            self.frame, self.source, PreprocessConfig(image_size=image_size), settings, progress=progress
+        )
+
     @property
     def fingerprint(self) -> str:
         """Which instances with which labels: the training data's identity, recorded with each model."""
@@ -139,13 +147,7 @@ def train_candidates(
     results: list[Candidate] = []
     errors: list[DicomInputError] = []
     for config in configs:
-        cached, bad = build_cache(
-            labelled.frame,
-            labelled.source,
-            PreprocessConfig(image_size=config.image_size),
-            settings,
-            progress=progress,
-        )
+        cached, bad = labelled.cached(settings, config.image_size, progress=progress)
         errors.extend(e for e in bad if e.path not in {x.path for x in errors})
         parts = {name: cached.select(split.of(name)) for name in ("train", "val", "test")}
         preprocess = PreprocessConfig(image_size=config.image_size, metadata=config.metadata)
@@ -251,13 +253,7 @@ def synthetic_backbone(
             progress=progress,
         )
     labelled = load_labelled(settings, data=str(folder))
-    cached, _ = build_cache(
-        labelled.frame,
-        labelled.source,
-        PreprocessConfig(image_size=config.image_size),
-        settings,
-        progress=progress,
-    )
+    cached, _ = labelled.cached(settings, config.image_size, progress=progress)
     split = split_examples(labelled.frame, seed=config.seed)
     pre = config.model_copy(
         update={"epochs": config.pretrain_epochs, "metadata": False, "pretrain_synthetic": 0}
@@ -295,13 +291,7 @@ def cross_validate(
     that never saw its group; the pooled predictions give the report, logged as one MLflow run."""
     if group_by not in labelled.frame.columns:
         raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
-    cached, _ = build_cache(
-        labelled.frame,
-        labelled.source,
-        PreprocessConfig(image_size=config.image_size),
-        settings,
-        progress=progress,
-    )
+    cached, _ = labelled.cached(settings, config.image_size, progress=progress)
     frame = labelled.frame[labelled.frame["sop_uid_hash"].isin(cached.keys)]
     assignment = grouped_folds(frame, group_by, folds, seed=seed)
     truth: list[np.ndarray] = []
