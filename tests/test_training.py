@@ -172,3 +172,11 @@ def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(
     assert result.returncode == 64
     assert "pretrained weights for resnet18 could not be loaded" in result.stderr
     assert "drop --pretrained" in result.stderr
+
+
+@pytest.mark.usefixtures("settings")
+def test_an_unknown_model_is_a_usage_error_not_a_crash(tmp_path: Path) -> None:
+    result = run_cli("predict", str(tmp_path), "--model", "models:/bodypart-router@nobody")
+    assert result.returncode == 64 and "no such model version or alias" in result.stderr
+    refused = run_cli("promote")
+    assert refused.returncode == 64 and "no candidate version" in refused.stderr

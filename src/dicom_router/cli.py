@@ -12,13 +12,13 @@ import click
 from rich.console import Console
 
 from dicom_router.config import Settings
+from dicom_router.errors import ModelNotFound
 
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_GATE_REFUSED = 4
 EXIT_USAGE = 64
-CHAMPION_URI = "models:/bodypart-router@champion"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -387,16 +387,16 @@ def promote(name: str | None, version: str | None, force: bool, show_history: bo
 
 @app.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model_uri", default=CHAMPION_URI, show_default=True, help="MODEL_URI")
+@click.option("--model", "model_uri", help="MODEL_URI (default: models:/bodypart-router@champion)")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
-def predict(paths: tuple[Path, ...], model_uri: str, as_json: bool) -> int:
+def predict(paths: tuple[Path, ...], model_uri: str | None, as_json: bool) -> int:
     """Classify DICOM files with the model bundle, exactly as the model server does."""
     from dicom_router.dicom.errors import DicomInputError, NotDicom
     from dicom_router.promotion import prediction_record
     from dicom_router.registry import load_bundle
 
     settings = Settings()
-    bundle = load_bundle(settings, model_uri)
+    bundle = load_bundle(settings, model_uri or f"models:/{settings.registered_model}@champion")
     files = _expand(paths)
     readable: list[tuple[str, bytes]] = []
     unreadable: dict[str, DicomInputError] = {}
@@ -437,6 +437,9 @@ def main() -> None:
         code = app.main(standalone_mode=False)
     except click.UsageError as exc:
         exc.show()
+        sys.exit(EXIT_USAGE)
+    except ModelNotFound as exc:  # the caller named something the registry does not have
+        sys.stderr.write(f"error: {exc}\n")
         sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
         exc.show()

@@ -22,6 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from dicom_router import LABELS
 from dicom_router.config import Settings
+from dicom_router.errors import ModelNotFound
 from dicom_router.inference import Bundle
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,16 @@ def model_version(settings: Settings, uri: str) -> ModelVersion:
     """``models:/name@alias`` or ``models:/name/version`` → the registry's model version."""
     client = connect(settings)
     spec = uri.removeprefix("models:/")
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    name, _, version = spec.partition("/")
-    return client.get_model_version(name, version)
+    try:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = spec.partition("/")
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ModelNotFound(
+            f"{uri}: no such model version or alias in {settings.tracking_uri} ({exc.message})"
+        ) from None
 
 
 def load_bundle(settings: Settings, uri: str) -> Bundle:
@@ -142,7 +148,7 @@ def newest_candidate(settings: Settings) -> ModelVersion:
     versions = client.search_model_versions(f"name = '{settings.registered_model}'")
     candidates = [v for v in versions if v.tags.get("role") == "candidate"]
     if not candidates:
-        raise LookupError(f"no candidate version of {settings.registered_model} is registered")
+        raise ModelNotFound(f"no candidate version of {settings.registered_model} is registered")
     return max(candidates, key=lambda v: int(v.version))
 
 
