@@ -39,8 +39,8 @@ LABEL_MIX: dict[str, float] = {
 
 _IMAGES_PER_PATIENT = ((1, 2, 3), (0.6, 0.3, 0.1))
 _MARKER_GLYPHS = {
-    "L": ("X....", "X....", "X....", "X....", "X....", "X....", "XXXXX"),
-    "R": ("XXXX.", "X...X", "X...X", "XXXX.", "X.X..", "X..X.", "X...X"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
 }
 """5x7 bitmaps of the lead side markers technologists put on the cassette."""
 
@@ -171,7 +171,7 @@ def _burn_marker(image: FloatArray, rng: np.random.Generator, inside: tuple[int,
     top, _, left, right = inside
     rows, cols = image.shape
     letter = "R" if rng.random() < 0.5 else "L"
-    glyph = np.array([[ch == "X" for ch in line] for line in _MARKER_GLYPHS[letter]], dtype=np.float32)
+    glyph = np.array([[ch == "#" for ch in line] for line in _MARKER_GLYPHS[letter]], dtype=np.float32)
     k = max(1, round(0.045 * rows / 7))
     mark = np.kron(glyph, np.ones((k, k), np.float32))
     h, w = mark.shape
