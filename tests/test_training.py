@@ -14,7 +14,14 @@ import torch
 from dicom_router import LABELS
 from dicom_router.candidates import cross_validate, load_labelled
 from dicom_router.config import Settings
-from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig, letterbox, metadata_vector
+from dicom_router.inference import (
+    METADATA_FEATURES,
+    Bundle,
+    PreprocessConfig,
+    equalize,
+    letterbox,
+    metadata_vector,
+)
 from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.registry import connect
 from dicom_router.synth import synthesize
@@ -180,3 +187,21 @@ def test_an_unknown_model_is_a_usage_error_not_a_crash(tmp_path: Path) -> None:
     assert result.returncode == 64 and "no such model version or alias" in result.stderr
     refused = run_cli("promote")
     assert refused.returncode == 64 and "no candidate version" in refused.stderr
+
+
+def test_equalisation_spreads_grey_levels_and_keeps_padding_black() -> None:
+    rng = np.random.default_rng(0)
+    image = (rng.random((64, 64)) * 0.2 + 0.4).astype(np.float32)  # a washed-out, low-contrast image
+    image[:8] = 0.0  # padding
+    out = equalize(image)
+    assert (out[:8] == 0).all()
+    inside = out[8:]
+    assert (
+        inside.min() < 0.05
+        and inside.max() == pytest.approx(1.0)
+        and abs(float(np.median(inside)) - 0.5) < 0.05
+    )
+    assert (
+        PreprocessConfig(image_size=64, equalize=True).fingerprint()
+        != PreprocessConfig(image_size=64).fingerprint()
+    )

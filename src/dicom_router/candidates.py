@@ -45,12 +45,10 @@ class Labelled:
     source: str
 
     def cached(
-        self, settings: Settings, image_size: int, *, progress: bool = True
+        self, settings: Settings, preprocess: PreprocessConfig, *, progress: bool = True
     ) -> tuple[CachedImages, list[DicomInputError]]:
-        """The preprocessed images at ``image_size`` (decoded once, then read from the cache)."""
-        return build_cache(
-            self.frame, self.source, PreprocessConfig(image_size=image_size), settings, progress=progress
-        )
+        """The preprocessed images (decoded once, then read from the cache)."""
+        return build_cache(self.frame, self.source, preprocess, settings, progress=progress)
 
     @property
     def fingerprint(self) -> str:
@@ -147,10 +145,10 @@ def train_candidates(
     results: list[Candidate] = []
     errors: list[DicomInputError] = []
     for config in configs:
-        cached, bad = labelled.cached(settings, config.image_size, progress=progress)
+        cached, bad = labelled.cached(settings, config.preprocess, progress=progress)
         errors.extend(e for e in bad if e.path not in {x.path for x in errors})
         parts = {name: cached.select(split.of(name)) for name in ("train", "val", "test")}
-        preprocess = PreprocessConfig(image_size=config.image_size, metadata=config.metadata)
+        preprocess = config.preprocess
         name = config.arch + ("+meta" if config.metadata else "")
         with (
             mlflow.start_run(experiment_id=experiment_id, run_name=name) as run,
@@ -253,7 +251,7 @@ def synthetic_backbone(
             progress=progress,
         )
     labelled = load_labelled(settings, data=str(folder))
-    cached, _ = labelled.cached(settings, config.image_size, progress=progress)
+    cached, _ = labelled.cached(settings, config.preprocess, progress=progress)
     split = split_examples(labelled.frame, seed=config.seed)
     pre = config.model_copy(
         update={"epochs": config.pretrain_epochs, "metadata": False, "pretrain_synthetic": 0}
@@ -291,7 +289,7 @@ def cross_validate(
     that never saw its group; the pooled predictions give the report, logged as one MLflow run."""
     if group_by not in labelled.frame.columns:
         raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
-    cached, _ = labelled.cached(settings, config.image_size, progress=progress)
+    cached, _ = labelled.cached(settings, config.preprocess, progress=progress)
     frame = labelled.frame[labelled.frame["sop_uid_hash"].isin(cached.keys)]
     assignment = grouped_folds(frame, group_by, folds, seed=seed)
     truth: list[np.ndarray] = []

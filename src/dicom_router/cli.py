@@ -213,6 +213,7 @@ def stack(action: str, as_json: bool) -> int:
     "--patience", type=click.IntRange(min=1), default=8, show_default=True, help="Early-stopping epochs"
 )
 @click.option("--fusion", is_flag=True, help="Also train each architecture with header-feature fusion")
+@click.option("--equalize", is_flag=True, help="Histogram-equalise images in preprocessing")
 @click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (needs access to a model hub)")
 @click.option(
     "--pretrain-synthetic", type=click.IntRange(min=0), default=0, help="Synthetic images to pretrain on"
@@ -233,6 +234,7 @@ def train(
     seed: int,
     patience: int,
     fusion: bool,
+    equalize: bool,
     pretrained: bool,
     pretrain_synthetic: int,
     pretrain_epochs: int,
@@ -267,6 +269,7 @@ def train(
             patience=patience,
             metadata=meta,
             pretrained=pretrained,
+            equalize=equalize,
             pretrain_synthetic=pretrain_synthetic,
             pretrain_epochs=pretrain_epochs,
         )

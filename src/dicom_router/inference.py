@@ -54,9 +54,25 @@ class PreprocessConfig(BaseModel):
     """The square input side: the image is scaled to fit (aspect kept) and padded with black."""
     metadata: bool = False
     """Whether the model also takes the header features (``meta`` input, METADATA_FEATURES order)."""
+    equalize: bool = False
+    """Histogram-equalise the displayed image first: evens out contrast and processing across sites."""
 
     def fingerprint(self) -> str:
-        return f"s{self.image_size}"
+        """What the cached pixels depend on (not ``metadata``: header features are computed apart)."""
+        return f"s{self.image_size}" + ("-eq" if self.equalize else "")
+
+
+def equalize(pixels: npt.NDArray[np.float32], bins: int = 1024) -> npt.NDArray[np.float32]:
+    """Map grey levels through their cumulative histogram (pure black, i.e. padding, stays black)."""
+    inside = pixels > 0.0
+    if not inside.any():
+        return pixels
+    counts, edges = np.histogram(pixels[inside], bins=bins, range=(0.0, 1.0))
+    cdf = np.cumsum(counts).astype(np.float64)
+    cdf /= cdf[-1]
+    out = np.interp(pixels, edges[1:], cdf).astype(np.float32)
+    out[~inside] = 0.0
+    return out
 
 
 def letterbox(pixels: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
@@ -130,7 +146,8 @@ class Prepared:
 def prepare(data: bytes, path: str, config: PreprocessConfig, *, max_pixels: int) -> Prepared:
     """DICOM bytes → model inputs; typed errors for bad input."""
     decoded = decode_bytes(data, path, max_pixels=max_pixels)
-    image = letterbox(decoded.pixels, config.image_size)[None]
+    pixels = equalize(decoded.pixels) if config.equalize else decoded.pixels
+    image = letterbox(pixels, config.image_size)[None]
     return Prepared(image, metadata_vector(acquisition_fields(decoded.dataset)))
 
 

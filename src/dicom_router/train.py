@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from dicom_router import LABELS
 from dicom_router.data import CachedImages, XrayDataset, class_weights
 from dicom_router.evaluate import confusion_matrix, macro_f1
+from dicom_router.inference import PreprocessConfig
 from dicom_router.models import BodyPartNet
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class TrainConfig(BaseModel):
     """Synthetic images to pretrain the backbone on first (0: none); no weights can be downloaded here,
     and synthetic anatomy is the legitimate prior available."""
     pretrain_epochs: int = 10
+    equalize: bool = False
+    """Histogram-equalise images in preprocessing (see PreprocessConfig)."""
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.image_size, metadata=self.metadata, equalize=self.equalize)
 
 
 @dataclass
