@@ -229,7 +229,7 @@ def synthetic_backbone(
         "-".join(
             (
                 config.arch,
-                f"s{config.image_size}",
+                config.preprocess.fingerprint(),
                 f"n{config.pretrain_synthetic}",
                 f"e{config.pretrain_epochs}",
             )
