@@ -10,7 +10,7 @@ APT_PACKAGES := dcmtk
 LINT_PATHS := src tests bench
 
 SHARED ?= $(or $(DICOM_ROUTER_SHARED_DIR),../shared)
-REAL_TRAIN ?= --arch resnet18 --image-size 128 --epochs 60 --patience 30 --pretrain-synthetic 2000 --pretrain-epochs 8
+REAL_TRAIN ?= --arch resnet18 --image-size 128 --epochs 60 --patience 30 --pretrain-synthetic 2000 --pretrain-epochs 8 --equalize
 
 .PHONY: help venv system-deps lint test demo train-real lock clean
 
