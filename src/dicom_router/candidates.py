@@ -149,9 +149,8 @@ def train_candidates(
         errors.extend(e for e in bad if e.path not in {x.path for x in errors})
         parts = {name: cached.select(split.of(name)) for name in ("train", "val", "test")}
         preprocess = config.preprocess
-        name = config.arch + ("+meta" if config.metadata else "")
         with (
-            mlflow.start_run(experiment_id=experiment_id, run_name=name) as run,
+            mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run,
             tempfile.TemporaryDirectory() as tmp,
         ):
             work = Path(tmp)
@@ -209,7 +208,7 @@ def train_candidates(
                 version = str(register_bundle(settings, run.info.run_id, tags).version)
             log.info(
                 "%s: test macro-F1 %.4f (n=%d)%s",
-                name,
+                config.name,
                 report["macro_f1"],
                 report["n"],
                 f", registered as version {version}" if version else "",
@@ -296,7 +295,7 @@ def cross_validate(
     pooled: list[np.ndarray] = []
     with (
         mlflow.start_run(
-            experiment_id=experiment(settings, CANDIDATES_EXPERIMENT), run_name=f"cv-{group_by}-{config.arch}"
+            experiment_id=experiment(settings, CANDIDATES_EXPERIMENT), run_name=f"cv-{group_by}-{config.name}"
         ),
         tempfile.TemporaryDirectory() as tmp,
     ):

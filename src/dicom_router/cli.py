@@ -278,10 +278,11 @@ def train(
     ]
     cv = {}
     for config in configs if cv_by else []:
-        name = config.arch + (" +meta" if config.metadata else "")
-        cv[name] = cross_validate(settings, labelled, config, group_by=cv_by or "", folds=folds, seed=seed)
+        cv[config.name] = cross_validate(
+            settings, labelled, config, group_by=cv_by or "", folds=folds, seed=seed
+        )
         if not as_json:
-            _print_report(f"{name}: {folds}-fold cross-validation grouped by {cv_by}", cv[name])
+            _print_report(f"{config.name}: {folds}-fold cross-validation grouped by {cv_by}", cv[config.name])
     candidates, errors = train_candidates(settings, labelled, configs, register=register, seed=seed)
     _report_errors(errors)
     rows = [
@@ -292,7 +293,7 @@ def train(
             "version": c.version,
             "test_macro_f1": c.report["macro_f1"],
             "test_macro_f1_ci": c.report["macro_f1_ci"],
-            **({"cv": cv[c.config.arch + (" +meta" if c.config.metadata else "")]} if cv else {}),
+            **({"cv": cv[c.config.name]} if cv else {}),
         }
         for c in candidates
     ]
@@ -302,7 +303,7 @@ def train(
         for row in rows:
             ci = row["test_macro_f1_ci"]
             stdout.print(
-                f"{row['arch']}{' +meta' if row['metadata'] else ''}: "
+                f"{row['arch']}{'+meta' if row['metadata'] else ''}: "
                 f"test macro-F1 {row['test_macro_f1']:.4f} "
                 f"[{ci[0]:.3f}, {ci[1]:.3f}] run {row['run_id']}"
                 + (f" → {settings.registered_model} version {row['version']}" if row["version"] else "")

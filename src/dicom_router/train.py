@@ -58,6 +58,11 @@ class TrainConfig(BaseModel):
     """Histogram-equalise images in preprocessing (see PreprocessConfig)."""
 
     @property
+    def name(self) -> str:
+        """How runs and reports name this candidate."""
+        return self.arch + ("+meta" if self.metadata else "")
+
+    @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size, metadata=self.metadata, equalize=self.equalize)
 
