@@ -110,23 +110,24 @@ def score_cached(bundle: Bundle, cached: CachedImages) -> tuple[dict[str, Any], 
     return evaluation_report(cached.labels, probabilities, LABELS, ms_per_image=ms), probabilities
 
 
-def _save_bundle(export: Path, out: Path, preprocess: PreprocessConfig) -> None:
+def _save_bundle(bundle: Bundle, out: Path) -> None:
     """The bundle as an MLflow ONNX model (MLmodel, signature, input example) plus the contract's files."""
+    preprocess = bundle.preprocess
     size = preprocess.image_size
     example: dict[str, np.ndarray] = {
         "image": np.random.default_rng(0).random((2, 1, size, size), np.float32)
     }
     if preprocess.metadata:
         example["meta"] = np.zeros((2, len(METADATA_FEATURES)), np.float32)
-    probabilities, embedding = Bundle(export).run(example["image"], example.get("meta"))
+    probabilities, embedding = bundle.run(example["image"], example.get("meta"))
     mlflow.onnx.save_model(
-        onnx.load(str(export / "model.onnx")),
+        onnx.load(str(bundle.path / "model.onnx")),
         str(out),
         signature=infer_signature(example, {"probabilities": probabilities, "embedding": embedding}),
         input_example=example,
     )
     for name in ("labels.json", "preprocess.json", "card.json"):
-        shutil.copy(export / name, out / name)
+        shutil.copy(bundle.path / name, out / name)
 
 
 def train_candidates(
@@ -174,10 +175,11 @@ def train_candidates(
             )
             card = {**facts, "best_epoch": result.best_epoch, "test_items": items}
             export = export_bundle(result.net, preprocess, card, work / "export")
-            report, probabilities = score_cached(Bundle(export), parts["test"])
+            bundle = Bundle(export)
+            report, probabilities = score_cached(bundle, parts["test"])
             card["test_metrics"] = {k: report[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "ece")}
             (export / "card.json").write_text(json.dumps({"arch": config.arch, **card}, indent=2))
-            _save_bundle(export, work / "bundle", preprocess)
+            _save_bundle(bundle, work / "bundle")
             mlflow.log_artifacts(str(work / "bundle"), "bundle")
             mlflow.log_dict(report, "evaluation.json")
             mlflow.log_metrics(

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from dicom_router.config import Settings
+from dicom_router.dicom.errors import DicomInputError, NotDicom
 from dicom_router.errors import ModelNotFound
 
 EXIT_OK = 0
@@ -102,22 +103,29 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
     return files
 
 
+def _read_file(path: Path) -> bytes | DicomInputError:
+    """A file's bytes, or the contract's error when it cannot be read (the batch goes on)."""
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return NotDicom(str(path), f"cannot read: {exc.strerror}")
+
+
 @app.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
 def inspect(paths: tuple[Path, ...], as_json: bool) -> int:
     """Decode each DICOM and print key metadata and pixel facts."""
     from dicom_router.dicom.decode import decode_bytes
-    from dicom_router.dicom.errors import DicomInputError, NotDicom
 
     settings = Settings()
     results: list[dict[str, Any]] = []
     errors: list[DicomInputError] = []
     for path in _expand(paths):
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            error: DicomInputError = NotDicom(str(path), f"cannot read: {exc.strerror}")
+        data = _read_file(path)
+        if isinstance(data, DicomInputError):
+            error: DicomInputError = data
         else:
             try:
                 facts = decode_bytes(data, str(path), max_pixels=settings.max_image_pixels).facts
@@ -395,7 +403,6 @@ def promote(name: str | None, version: str | None, force: bool, show_history: bo
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
 def predict(paths: tuple[Path, ...], model_uri: str | None, as_json: bool) -> int:
     """Classify DICOM files with the model bundle, exactly as the model server does."""
-    from dicom_router.dicom.errors import DicomInputError, NotDicom
     from dicom_router.promotion import prediction_record
     from dicom_router.registry import load_bundle
 
@@ -405,10 +412,11 @@ def predict(paths: tuple[Path, ...], model_uri: str | None, as_json: bool) -> in
     readable: list[tuple[str, bytes]] = []
     unreadable: dict[str, DicomInputError] = {}
     for path in files:
-        try:
-            readable.append((str(path), path.read_bytes()))
-        except OSError as exc:
-            unreadable[str(path)] = NotDicom(str(path), f"cannot read: {exc.strerror}")
+        data = _read_file(path)
+        if isinstance(data, DicomInputError):
+            unreadable[str(path)] = data
+        else:
+            readable.append((str(path), data))
     results, _ = bundle.predict_items(readable, max_pixels=settings.max_image_pixels)
     by_path = dict(zip((p for p, _ in readable), results, strict=True)) | unreadable
     records = [prediction_record(str(p), by_path[str(p)], bundle) for p in files]
