@@ -69,3 +69,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=600,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported (untrained, seeded) 32 px model bundle: real ONNX, real preprocessing, fast."""
+    import torch
+
+    from dicom_router.inference import PreprocessConfig
+    from dicom_router.models import BodyPartNet, export_bundle
+
+    torch.manual_seed(0)
+    return export_bundle(
+        BodyPartNet("resnet18").eval(),
+        PreprocessConfig(image_size=32),
+        {"note": "test"},
+        tmp_path_factory.mktemp("bundle") / "b",
+    )

@@ -110,7 +110,7 @@ def score_cached(bundle: Bundle, cached: CachedImages) -> tuple[dict[str, Any], 
     return evaluation_report(cached.labels, probabilities, LABELS, ms_per_image=ms), probabilities
 
 
-def _save_bundle(bundle: Bundle, out: Path) -> None:
+def save_bundle(bundle: Bundle, out: Path) -> None:
     """The bundle as an MLflow ONNX model (MLmodel, signature, input example) plus the contract's files."""
     preprocess = bundle.preprocess
     size = preprocess.image_size
@@ -179,7 +179,7 @@ def train_candidates(
             report, probabilities = score_cached(bundle, parts["test"])
             card["test_metrics"] = {k: report[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "ece")}
             (export / "card.json").write_text(json.dumps({"arch": config.arch, **card}, indent=2))
-            _save_bundle(bundle, work / "bundle")
+            save_bundle(bundle, work / "bundle")
             mlflow.log_artifacts(str(work / "bundle"), "bundle")
             mlflow.log_dict(report, "evaluation.json")
             mlflow.log_metrics(

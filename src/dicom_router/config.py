@@ -64,6 +64,53 @@ class Settings(BaseSettings):
     gate_floor: float = 0.80
     """Promotion gate: the macro-F1 the first model must reach."""
 
+    model_uri: str | None = None
+    """The model the server and router use; default ``models:/<registered_model>@champion``."""
+    serve_port: int = 0
+    """Port of the embedded model server; 0 picks a free one at first start and keeps it."""
+    serve_url: str | None = None
+    """Model server the router calls; empty means the embedded stack's server."""
+    low_confidence: float = 0.5
+    """Predictions below this confidence are marked ``low_confidence`` (and go to review by default)."""
+    serve_max_batch_size: int = 16
+    """Micro-batching: the most concurrent images one ONNX Runtime call classifies."""
+    serve_max_latency_ms: float = 5.0
+    """Micro-batching: how long the first request of a batch waits for others."""
+    serve_max_request_bytes: int = 64 * 1024 * 1024
+    """Request bodies above this are refused with 413 before they are read."""
+    serve_decode_workers: int = 2
+    """Processes that decode DICOM for the server, so its event loop never blocks."""
+    model_poll_s: float = 10.0
+    """How often the server checks whether the model alias moved (reload without restart)."""
+
+    orthanc_url: str | None = None
+    """Orthanc REST URL the router talks to; empty means the embedded stack's Orthanc."""
+    orthanc_user: str | None = None
+    orthanc_password: SecretStr | None = None
+    """Orthanc credentials; empty means the generated ones of the embedded stack."""
+    orthanc_aet: str = "DICOMROUTER"
+    """Orthanc's own AE title (modalities send to it; destinations see it as the calling AET)."""
+    orthanc_calling_aet: str = "MODALITY"
+    """The AE title Orthanc accepts C-STOREs from (declared modality, host 127.0.0.1 locally)."""
+    orthanc_http_port: int = 0
+    orthanc_dicom_port: int = 0
+    """Ports of the embedded Orthanc; 0 picks free ones at first start and keeps them."""
+
+    route_rules: Path | None = None
+    """Routing rules YAML; empty means the example rules shipped with the package."""
+    route_concurrency: int = 4
+    """Instances the router classifies at once (lets the model server batch them)."""
+    route_poll_s: float = 0.1
+    """How often an idle router looks at the queue."""
+    route_retry_base_s: float = 1.0
+    route_retry_cap_s: float = 60.0
+    """Backoff when the model server, Orthanc or a destination is down: base·2^attempts, capped."""
+
+    k8s_namespace: str = "dicom-router"
+    """Namespace of the platform's resources on Kubernetes (InferenceService, jobs)."""
+    k8s_image_registry: str = "ghcr.io/dicom-router"
+    """Where the project's images (predictor, components, orthanc, worker) are pushed."""
+
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.data_dir / 'mlflow' / 'mlflow.db'}"
@@ -76,6 +123,11 @@ class Settings(BaseSettings):
     def secrets_dir(self) -> Path:
         """Generated credentials and keys (mode 0700); back it up with the deployment."""
         return self.data_dir / "secrets"
+
+    @property
+    def routing_dir(self) -> Path:
+        """The routing queue and audit (SQLite), shared by Orthanc's hook and the router."""
+        return self.data_dir / "routing"
 
     @property
     def stack_dir(self) -> Path:

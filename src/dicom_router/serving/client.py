@@ -1,0 +1,96 @@
+"""A small synchronous client of the predictor's V2 protocol.
+
+DICOM goes as a BYTES tensor holding base64 text in the JSON body: KServe 0.21's server decodes
+binary-extension BYTES inputs as UTF-8 and fails on arbitrary bytes, so binary data is not an option.
+
+The routing worker and the benchmarks use it. A typed 4xx from the server comes back as the same
+``DicomInputError`` subclass; anything that means "try again later" (refused connection, timeout, 5xx,
+model not ready) is ``ModelUnavailable``.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, RequestedOutput
+
+from dicom_router.dicom.errors import ERROR_TYPES, DicomInputError, NotDicom
+from dicom_router.serving.predictor import MODEL_NAME
+
+ERRORS_BY_TYPE = {cls.type: cls for cls in ERROR_TYPES}
+OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
+
+
+class ModelUnavailable(RuntimeError):
+    """The model server cannot answer now; the caller keeps the work and retries later."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    low_confidence: bool
+    model_version: str
+    embedding: npt.NDArray[np.float32] | None = None
+
+
+class ModelClient:
+    """Keep-alive HTTP client of ``/v2/models/bodypart-router/infer``."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(timeout=timeout_s)
+
+    def ready(self) -> bool:
+        try:
+            return self.http.get(f"{self.url}/v2/models/{MODEL_NAME}/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def classify(self, data: bytes, *, path: str = "dicom", embedding: bool = False) -> Classification:
+        dicom = InferInput("dicom", [1], "BYTES", [base64.b64encode(data).decode("ascii")])
+        wanted = [*OUTPUTS, "embedding"] if embedding else list(OUTPUTS)
+        request = InferRequest(
+            MODEL_NAME,
+            infer_inputs=[dicom],
+            request_outputs=[RequestedOutput(name, {"binary_data": False}) for name in wanted],
+        )
+        body, _ = request.to_rest()
+        try:
+            response = self.http.post(f"{self.url}/v2/models/{MODEL_NAME}/infer", json=body)
+        except httpx.HTTPError as exc:
+            raise ModelUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
+        if 400 <= response.status_code < 500 and response.status_code not in (404, 408, 429):
+            raise _typed_error(path, response)
+        if response.status_code != 200:
+            raise ModelUnavailable(f"{self.url}: HTTP {response.status_code}: {response.text[:200]}")
+        result = InferResponse.from_rest(response.json())
+        out = {o.name: o.as_numpy() for o in result.outputs}
+        labels = str((result.parameters or {}).get("labels", "")).split(",")
+        probabilities = out["probabilities"].reshape(-1)
+        label = out["label"].reshape(-1)[0]
+        return Classification(
+            label=label.decode() if isinstance(label, bytes) else str(label),
+            confidence=float(out["confidence"].reshape(-1)[0]),
+            probabilities={name: float(p) for name, p in zip(labels, probabilities, strict=True)},
+            low_confidence=bool(out["low_confidence"].reshape(-1)[0]),
+            model_version=str(result.model_version),
+            embedding=out["embedding"].reshape(-1).astype(np.float32) if embedding else None,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _typed_error(path: str, response: httpx.Response) -> DicomInputError:
+    try:
+        body = response.json()
+        cls = ERRORS_BY_TYPE.get(str(body.get("type")), NotDicom)
+        return cls(path, str(body.get("message") or body.get("error")))
+    except ValueError:
+        return NotDicom(path, f"HTTP {response.status_code}: {response.text[:200]}")

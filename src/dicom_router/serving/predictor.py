@@ -1,0 +1,416 @@
+"""The KServe predictor ``bodypart-router``: DICOM bytes or preprocessed tensors → body part.
+
+``preprocess`` decodes DICOM in worker processes (the event loop never decodes), ``predict`` hands the
+images to a micro-batcher that runs one ONNX Runtime call for concurrent requests, ``postprocess``
+answers in the request's protocol. The bundle comes from a MODEL_URI; an alias (``@champion``) is polled
+and the new version swapped in without a restart. Preprocessing is ``inference.prepare``: the same code
+as ``dicom-router predict``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from kserve import Model
+from kserve.errors import ModelNotReady
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from prometheus_client import Counter, Histogram
+
+from dicom_router.config import Settings
+from dicom_router.dicom.errors import DicomInputError, InvalidPixelData, NotDicom
+from dicom_router.inference import Bundle, Prepared, PreprocessConfig, metadata_vector, prepare
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "bodypart-router"
+
+PREDICTIONS = Counter("dicom_router_predictions_total", "Classified images", ["label"])
+REJECTED = Counter("dicom_router_rejected_total", "Inputs refused with a typed error", ["type"])
+BATCH_SIZE = Histogram(
+    "dicom_router_batch_size", "Images per ONNX Runtime call", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+RUN_SECONDS = Histogram("dicom_router_model_run_seconds", "ONNX Runtime time per batch")
+RELOADS = Counter("dicom_router_model_reloads_total", "Model versions loaded after the alias moved")
+
+
+@dataclass
+class Inputs:
+    """A request after preprocessing: images (and header features) plus how to answer."""
+
+    images: npt.NDArray[np.float32]
+    meta: npt.NDArray[np.float32]
+    v2: bool
+    request_id: str | None = None
+    want_embedding: bool = False
+
+
+@dataclass
+class Outputs:
+    probabilities: npt.NDArray[np.float32]
+    embedding: npt.NDArray[np.float32]
+    bundle: Bundle
+    inputs: Inputs
+
+
+# --- payloads → DICOM bytes or tensors --------------------------------------------------------------
+
+
+def v1_instances(body: dict[str, Any] | bytes) -> list[bytes | npt.NDArray[np.float32]]:
+    """V1 ``{"instances": [{"b64": ...} | {"image": [[...]]}]}`` → DICOM bytes or image arrays.
+
+    A body that is not JSON at all (``Content-Type: application/dicom``) is one DICOM instance.
+    """
+    document: Any = body
+    if isinstance(body, bytes):
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return [body]
+    if not isinstance(document, dict):
+        raise NotDicom("request", 'expected {"instances": [...]}')
+    instances = document.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise NotDicom("request", 'expected {"instances": [{"b64": "<DICOM>"}, ...]}')
+    out: list[bytes | npt.NDArray[np.float32]] = []
+    for i, instance in enumerate(instances):
+        if isinstance(instance, dict) and "b64" in instance:
+            out.append(_b64(instance["b64"], f"instances[{i}]"))
+        elif isinstance(instance, dict) and "image" in instance:
+            out.append(np.asarray(instance["image"], dtype=np.float32))
+        else:
+            raise NotDicom(f"instances[{i}]", 'each instance needs "b64" (DICOM bytes) or "image"')
+    return out
+
+
+def _b64(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise NotDicom(where, "b64 must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise NotDicom(where, "b64 is not valid base64") from None
+
+
+def v2_inputs(request: InferRequest) -> tuple[list[bytes], npt.NDArray[np.float32] | None]:
+    """V2 inputs: ``dicom`` BYTES (binary extension, or base64 strings in JSON) or ``image`` FP32."""
+    names = {i.name: i for i in request.inputs}
+    if "dicom" in names:
+        tensor = names["dicom"]
+        if tensor.datatype != "BYTES":
+            raise NotDicom("dicom", f"input dicom must be BYTES, not {tensor.datatype}")
+        return [
+            item if isinstance(item, bytes) else _b64(item, f"dicom[{i}]")
+            for i, item in enumerate(tensor.as_numpy().reshape(-1))
+        ], None
+    if "image" in names:
+        tensor = names["image"]
+        if tensor.datatype != "FP32":
+            raise InvalidPixelData("image", f"input image must be FP32, not {tensor.datatype}")
+        return [], tensor.as_numpy().astype(np.float32, copy=False)
+    raise NotDicom("request", "expected an input named dicom (BYTES) or image (FP32)")
+
+
+def metadata_for_tensor(n: int) -> npt.NDArray[np.float32]:
+    """Header features are unknown for preprocessed tensors: all-missing rows (fusion models cope)."""
+    return np.repeat(metadata_vector({})[None], n, axis=0)
+
+
+def check_images(images: npt.NDArray[np.float32], config: PreprocessConfig) -> npt.NDArray[np.float32]:
+    """Preprocessed images must already be what the model takes: ``[n, 1, S, S]`` in [0, 1]."""
+    size = config.image_size
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1:] != (1, size, size):
+        raise InvalidPixelData("image", f"expected shape [n, 1, {size}, {size}], got {list(images.shape)}")
+    if not np.isfinite(images).all() or images.min() < 0.0 or images.max() > 1.0:
+        raise InvalidPixelData("image", "preprocessed images must be finite and in [0, 1]")
+    return images
+
+
+# --- decoding in worker processes -------------------------------------------------------------------
+
+
+def _warm() -> None:
+    """Import the decoder stack in a fresh worker so the first request does not pay for it."""
+
+
+class DecodePool:
+    """Spawned processes that turn DICOM bytes into model inputs (``inference.prepare``)."""
+
+    def __init__(self, workers: int) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork after ONNX Runtime/torch threads exist
+        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        for future in [self.executor.submit(_warm) for _ in range(workers)]:
+            future.result()
+
+    async def prepare_all(
+        self, items: Sequence[bytes], config: PreprocessConfig, max_pixels: int
+    ) -> list[Prepared]:
+        loop = asyncio.get_running_loop()
+        futures = [
+            loop.run_in_executor(self.executor, _prepare_kw, data, f"instances[{i}]", config, max_pixels)
+            for i, data in enumerate(items)
+        ]
+        return list(await asyncio.gather(*futures))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare_kw(data: bytes, path: str, config: PreprocessConfig, max_pixels: int) -> Prepared:
+    return prepare(data, path, config, max_pixels=max_pixels)
+
+
+# --- micro-batching ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    images: npt.NDArray[np.float32]
+    meta: npt.NDArray[np.float32]
+    future: asyncio.Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+
+
+@dataclass
+class Batcher:
+    """Collects concurrent requests for up to ``max_latency_s`` or ``max_batch`` images, one model run."""
+
+    max_batch: int
+    max_latency_s: float
+    queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
+
+    async def submit(
+        self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        future: asyncio.Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        await self.queue.put(_Pending(images, meta, future))
+        return await future
+
+    async def run(self, model: BodyPartModel) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            size = len(batch[0].images)
+            deadline = loop.time() + self.max_latency_s
+            while size < self.max_batch:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                batch.append(item)
+                size += len(item.images)
+            bundle = model.bundle
+            try:
+                if bundle is None:
+                    raise ModelNotReady(MODEL_NAME)
+                started = time.perf_counter()
+                probabilities, embedding = await loop.run_in_executor(
+                    None,
+                    bundle.run,
+                    np.concatenate([p.images for p in batch]),
+                    np.concatenate([p.meta for p in batch]),
+                )
+                RUN_SECONDS.observe(time.perf_counter() - started)
+                BATCH_SIZE.observe(size)
+            except Exception as exc:  # every waiting request gets the failure, the loop goes on
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            offset = 0
+            for pending in batch:
+                n = len(pending.images)
+                if not pending.future.done():
+                    pending.future.set_result(
+                        (probabilities[offset : offset + n], embedding[offset : offset + n])
+                    )
+                offset += n
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+
+class BodyPartModel(Model):  # type: ignore[misc]
+    """``bodypart-router``: loads the bundle of a MODEL_URI and follows its alias."""
+
+    def __init__(self, settings: Settings, model_uri: str | None = None) -> None:
+        super().__init__(MODEL_NAME)
+        self.settings = settings
+        self.model_uri = model_uri or settings.model_uri or f"models:/{settings.registered_model}@champion"
+        self.bundle: Bundle | None = None
+        self.batcher = Batcher(settings.serve_max_batch_size, settings.serve_max_latency_ms / 1000.0)
+        self.pool: DecodePool | None = None
+        self.engine = True
+
+    # lifecycle
+    def load(self) -> bool:
+        """Load the bundle if the URI resolves now; otherwise stay not-ready and let the poll find it."""
+        from dicom_router.errors import ModelNotFound
+
+        self.pool = self.pool or DecodePool(self.settings.serve_decode_workers)
+        try:
+            self._swap(self._resolve())
+        except ModelNotFound as exc:
+            log.warning("no model yet (%s); polling every %.0f s", exc, self.settings.model_poll_s)
+        return self.ready
+
+    def _resolve(self) -> Bundle:
+        from dicom_router.registry import load_bundle
+
+        return load_bundle(self.settings, self.model_uri)
+
+    def _swap(self, bundle: Bundle) -> None:
+        previous = self.bundle
+        self.bundle = bundle
+        self.ready = True
+        if previous is None or previous.version != bundle.version:
+            log.info("serving %s/%s from %s", bundle.name, bundle.version, bundle.path)
+        if previous is not None and previous.version != bundle.version:
+            RELOADS.inc()
+
+    async def start_engine(self) -> None:
+        """The batcher and, for an MLflow alias, the alias poll: run inside the server's event loop."""
+        tasks = [self.batcher.run(self)]
+        if self.model_uri.startswith("models:/") and "@" in self.model_uri:
+            tasks.append(self._follow_alias())
+        await asyncio.gather(*tasks)
+
+    async def _follow_alias(self) -> None:
+        from dicom_router.registry import model_version
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            try:
+                version = await loop.run_in_executor(None, model_version, self.settings, self.model_uri)
+                if self.bundle is None or str(version.version) != self.bundle.version:
+                    self._swap(await loop.run_in_executor(None, self._resolve))
+            except Exception as exc:  # the registry being away must not stop serving the current model
+                log.warning("alias poll of %s failed: %s", self.model_uri, exc)
+
+    def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    # KServe data plane
+    async def preprocess(
+        self,
+        payload: dict[str, Any] | bytes | InferRequest,
+        headers: dict[str, str] | None = None,  # noqa: ARG002  (KServe's signature)
+    ) -> Inputs:
+        bundle = self.bundle
+        if bundle is None or self.pool is None:
+            raise ModelNotReady(MODEL_NAME)
+        config = bundle.preprocess
+        if isinstance(payload, InferRequest):
+            items, tensor = v2_inputs(payload)
+            want_embedding = any(o.name == "embedding" for o in payload.request_outputs or [])
+            v2, request_id = True, payload.id
+        else:
+            v1 = v1_instances(payload)
+            items = [x for x in v1 if isinstance(x, bytes)]
+            arrays = [x for x in v1 if not isinstance(x, bytes)]
+            if items and arrays:
+                raise NotDicom("instances", "mix of DICOM and preprocessed instances in one request")
+            tensor = np.stack(arrays) if arrays else None
+            want_embedding = isinstance(payload, dict) and bool(payload.get("embedding"))
+            v2, request_id = False, None
+        try:
+            if tensor is not None:
+                images = check_images(tensor, config)
+                meta = metadata_for_tensor(len(images))
+            else:
+                prepared = await self.pool.prepare_all(items, config, self.settings.max_image_pixels)
+                images = np.stack([p.image for p in prepared])
+                meta = np.stack([p.meta for p in prepared])
+        except DicomInputError as exc:
+            REJECTED.labels(type=exc.type).inc()
+            raise
+        return Inputs(images, meta, v2, request_id, want_embedding)
+
+    async def predict(
+        self,
+        inputs: Inputs,
+        headers: dict[str, str] | None = None,  # noqa: ARG002  (KServe's signature)
+    ) -> Outputs:
+        bundle = self.bundle
+        if bundle is None:
+            raise ModelNotReady(MODEL_NAME)
+        probabilities, embedding = await self.batcher.submit(inputs.images, inputs.meta)
+        return Outputs(probabilities, embedding, bundle, inputs)
+
+    async def postprocess(
+        self,
+        outputs: Outputs,
+        headers: dict[str, str] | None = None,  # noqa: ARG002  (KServe's signature)
+    ) -> dict[str, Any] | InferResponse:
+        bundle = outputs.bundle
+        predictions = [bundle.prediction(row) for row in outputs.probabilities]
+        threshold = self.settings.low_confidence
+        for p in predictions:
+            PREDICTIONS.labels(label=p.label).inc()
+        if not outputs.inputs.v2:
+            return {
+                "predictions": [
+                    {
+                        **p.as_dict(),
+                        "low_confidence": p.confidence < threshold,
+                        "model": bundle.name,
+                        "version": bundle.version,
+                        **({"embedding": e.tolist()} if outputs.inputs.want_embedding else {}),
+                    }
+                    for p, e in zip(predictions, outputs.embedding, strict=True)
+                ]
+            }
+        n = len(predictions)
+        result = [
+            InferOutput("label", [n], "BYTES", [p.label for p in predictions]),
+            InferOutput(
+                "probabilities", [n, len(bundle.labels)], "FP32", outputs.probabilities.reshape(-1).tolist()
+            ),
+            InferOutput("confidence", [n], "FP32", [p.confidence for p in predictions]),
+            InferOutput("low_confidence", [n], "BOOL", [p.confidence < threshold for p in predictions]),
+        ]
+        if outputs.inputs.want_embedding:
+            result.append(
+                InferOutput(
+                    "embedding", list(outputs.embedding.shape), "FP32", outputs.embedding.reshape(-1).tolist()
+                )
+            )
+        return InferResponse(
+            outputs.inputs.request_id or "",
+            MODEL_NAME,
+            result,
+            model_version=bundle.version,
+            parameters={"labels": ",".join(bundle.labels)},
+        )
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        size = self.bundle.preprocess.image_size if self.bundle else -1
+        return [
+            {"name": "dicom", "datatype": "BYTES", "shape": [-1]},
+            {"name": "image", "datatype": "FP32", "shape": [-1, 1, size, size]},
+        ]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 5]},
+            {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+            {"name": "low_confidence", "datatype": "BOOL", "shape": [-1]},
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, -1]},
+        ]

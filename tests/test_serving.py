@@ -1,0 +1,185 @@
+"""The KServe predictor over HTTP: V1/V2 DICOM and tensors, typed 4xx, /metrics, batching, alias reload."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+
+from dicom_router import LABELS, stack
+from dicom_router.candidates import save_bundle
+from dicom_router.config import Settings
+from dicom_router.dicom.errors import NotDicom
+from dicom_router.inference import Bundle, PreprocessConfig
+from dicom_router.registry import connect, experiment, register_bundle
+from dicom_router.serving.client import ModelClient
+from dicom_router.serving.predictor import check_images, v1_instances
+from dicom_router.synth import synthesize
+from tests.dicom_factory import dicom_bytes
+
+
+@pytest.fixture(scope="module")
+def dicoms(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, 6, sites=2, seed=3, long_side_px=64)
+    return [p.read_bytes() for p in sorted(out.rglob("*.dcm"))]
+
+
+@pytest.fixture
+def server(settings: Settings, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("DICOM_ROUTER_MODEL_URI", str(tiny_bundle))
+    monkeypatch.setenv("DICOM_ROUTER_SERVE_MAX_REQUEST_BYTES", str(2_000_000))
+    try:
+        yield stack.model_server_up(Settings())
+    finally:
+        stack.down(settings)
+
+
+def _wait_ready(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ModelClient(url).ready():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never became ready")
+
+
+def test_v1_and_v2_dicom_requests_get_labels_probabilities_and_the_version(
+    server: str, dicoms: list[bytes]
+) -> None:
+    _wait_ready(server)
+    v1 = httpx.post(
+        f"{server}/v1/models/bodypart-router:predict",
+        json={"instances": [{"b64": base64.b64encode(d).decode()} for d in dicoms[:3]]},
+        timeout=30,
+    )
+    assert v1.status_code == 200
+    predictions = v1.json()["predictions"]
+    assert len(predictions) == 3
+    for p in predictions:
+        assert p["label"] in LABELS and list(p["probabilities"]) == list(LABELS)
+        assert p["confidence"] == pytest.approx(max(p["probabilities"].values()))
+        assert p["model"] == "bodypart-router" and p["version"] == "local"
+        assert p["low_confidence"] is (p["confidence"] < 0.5)
+    answer = ModelClient(server).classify(dicoms[0], embedding=True)
+    assert answer.label == predictions[0]["label"]
+    assert answer.confidence == pytest.approx(predictions[0]["confidence"], abs=1e-6)
+    assert answer.embedding is not None and answer.embedding.ndim == 1 and answer.model_version == "local"
+
+
+def test_preprocessed_tensors_are_accepted_and_checked(server: str) -> None:
+    _wait_ready(server)
+    image = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    ok = httpx.post(
+        f"{server}/v2/models/bodypart-router/infer",
+        json={
+            "inputs": [
+                {"name": "image", "shape": [1, 1, 32, 32], "datatype": "FP32", "data": image.ravel().tolist()}
+            ]
+        },
+        timeout=30,
+    )
+    assert ok.status_code == 200
+    names = {o["name"] for o in ok.json()["outputs"]}
+    assert {"label", "probabilities", "confidence"} <= names
+    wrong = httpx.post(
+        f"{server}/v1/models/bodypart-router:predict",
+        json={"instances": [{"image": [[0.0] * 8] * 8}]},
+        timeout=30,
+    )
+    assert wrong.status_code == 422 and wrong.json()["type"] == "InvalidPixelData"
+
+
+def test_bad_payloads_get_4xx_with_the_contract_error_type(server: str, dicoms: list[bytes]) -> None:
+    _wait_ready(server)
+    predict = f"{server}/v1/models/bodypart-router:predict"
+    not_dicom = httpx.post(predict, json={"instances": [{"b64": base64.b64encode(b"hello world").decode()}]})
+    assert not_dicom.status_code == 422 and not_dicom.json()["type"] == "NotDicom"
+    truncated = httpx.post(predict, json={"instances": [{"b64": base64.b64encode(dicoms[0][:600]).decode()}]})
+    assert truncated.status_code == 422 and truncated.json()["type"] in ("Truncated", "NoPixelData")
+    empty = httpx.post(predict, json={"instances": []})
+    assert empty.status_code == 422 and empty.json()["type"] == "NotDicom"
+    too_big = httpx.post(predict, content=b"\0" * 2_000_001, headers={"content-type": "application/dicom"})
+    assert too_big.status_code == 413 and too_big.json()["type"] == "ImageTooLarge"
+    raw = httpx.post(predict, content=dicoms[0], headers={"content-type": "application/dicom"})
+    assert raw.status_code == 200 and raw.json()["predictions"][0]["label"] in LABELS
+    with pytest.raises(NotDicom):
+        ModelClient(server).classify(b"not a dicom file")
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'dicom_router_rejected_total{type="NotDicom"}' in metrics
+    assert 'dicom_router_rejected_total{type="ImageTooLarge"}' in metrics
+    assert "dicom_router_batch_size_count" in metrics
+
+
+def test_concurrent_requests_are_batched_into_fewer_model_runs(server: str, dicoms: list[bytes]) -> None:
+    _wait_ready(server)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batches() -> float:
+        for line in httpx.get(f"{server}/metrics").text.splitlines():
+            if line.startswith("dicom_router_batch_size_count"):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = batches()
+    client = ModelClient(server)
+    with ThreadPoolExecutor(8) as pool:
+        labels = list(pool.map(lambda d: client.classify(d).label, dicoms * 4))
+    assert len(labels) == 24
+    runs = batches() - before
+    assert 1 <= runs < 24, f"{runs} model runs for 24 concurrent requests"
+
+
+def test_the_server_follows_the_champion_alias_without_restart(
+    settings: Settings,
+    tiny_bundle: Path,
+    dicoms: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    client = connect(settings)
+    experiment_id = experiment(settings, "serving-test")
+    versions = []
+    for i in range(2):
+        bundle = tmp_path / f"v{i}"
+        shutil.copytree(tiny_bundle, bundle)
+        (bundle / "card.json").write_text(json.dumps({"copy": i}))
+        save_bundle(Bundle(bundle), tmp_path / f"mlflow-v{i}")
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            mlflow.log_artifacts(str(tmp_path / f"mlflow-v{i}"), "bundle")
+        versions.append(str(register_bundle(settings, run.info.run_id, {}).version))
+    monkeypatch.setenv("DICOM_ROUTER_MODEL_POLL_S", "0.3")
+    url = stack.model_server_up(Settings())
+    try:
+        model = ModelClient(url)
+        time.sleep(1.0)
+        assert not model.ready(), "no champion yet: the server must be live but not ready"
+        client.set_registered_model_alias(settings.registered_model, "champion", versions[0])
+        _wait_ready(url)
+        assert model.classify(dicoms[0]).model_version == versions[0]
+        client.set_registered_model_alias(settings.registered_model, "champion", versions[1])
+        deadline = time.monotonic() + 30
+        while model.classify(dicoms[0]).model_version != versions[1]:
+            assert time.monotonic() < deadline, "the server did not pick up the moved alias"
+            time.sleep(0.2)
+    finally:
+        stack.down(settings)
+
+
+def test_v1_bodies_are_parsed_strictly() -> None:
+    assert v1_instances(b"\x00DICM") == [b"\x00DICM"]
+    with pytest.raises(NotDicom):
+        v1_instances({"instances": [{"b64": "***"}]})
+    with pytest.raises(NotDicom):
+        v1_instances({"instances": [{"url": "http://example.org/x.dcm"}]})
+    image = check_images(np.zeros((2, 32, 32), np.float32), PreprocessConfig(image_size=32))
+    assert image.shape == (2, 1, 32, 32)
+    assert dicom_bytes(np.zeros((4, 4), np.uint16))  # the factory still builds valid input for the others
