@@ -39,9 +39,19 @@ def test_stack_up_status_down_round_trip_keeps_data_and_credentials(stack_settin
     up = run_cli("stack", "up", "--json")
     assert up.returncode == 0, up.stderr
     state = json.loads(up.stdout)
-    assert set(state) == {"s3", "mlflow", "model_server", "orthanc", "evidently"}
+    assert set(state) >= {"s3", "mlflow", "model_server", "orthanc", "evidently"}
     assert state["s3"]["running"] is True and state["s3"]["endpoint"].startswith("http://127.0.0.1:")
     assert set(state["orthanc"]) == {"url", "http_port", "dicom_port", "aet", "calling_aet", "running"}
+    assert (
+        state["orthanc"]["running"] is True
+        and state["orthanc"]["calling_aet"] == settings.orthanc_calling_aet
+    )
+    assert state["model_server"]["running"] is True and state["router"]["running"] is True
+    server_pid = int((settings.stack_dir / "model_server.pid").read_text())
+    assert _listening_addresses(server_pid) == {"127.0.0.1"}
+    orthanc_config = json.loads((settings.stack_dir / "orthanc" / "orthanc.json").read_text())
+    assert orthanc_config["RemoteAccessAllowed"] is False and orthanc_config["DicomAlwaysAllowStore"] is False
+    assert stat.S_IMODE((settings.stack_dir / "orthanc" / "orthanc.json").stat().st_mode) == 0o600
 
     creds = settings.secrets_dir / "s3-credentials.json"
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600

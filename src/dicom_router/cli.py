@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +433,122 @@ def predict(paths: tuple[Path, ...], model_uri: str | None, as_json: bool) -> in
                     f"{record['file']}: {record['label']} ({record['confidence']:.3f})", highlight=False
                 )
     return EXIT_BAD_INPUT if errors else EXIT_OK
+
+
+@app.command()
+@click.option("--model", "model_uri", help="MODEL_URI (default: models:/bodypart-router@champion, followed)")
+@click.option("--port", type=click.IntRange(1, 65535), help="HTTP port (default: the configured one)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 in a pod)")
+def serve(model_uri: str | None, port: int | None, host: str) -> int:
+    """The KServe model server: V1/V2 inference on DICOM bytes or tensors, /metrics, alias reload."""
+    from dicom_router.serving.server import serve as run_server
+
+    settings = Settings()
+    run_server(settings, model_uri=model_uri, host=host, port=port or settings.serve_port or 8080)
+    return EXIT_OK
+
+
+def _since(value: str | None) -> float | None:
+    """``--since``: an ISO date/time, or a duration back from now (``30m``, ``2h``, ``1d``)."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].isdigit() and value[-1] in units:
+        return time.time() - int(value[:-1]) * units[value[-1]]
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.UsageError(f"--since {value!r}: use an ISO date/time or 30m / 2h / 1d") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+@app.command()
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--rules", "rules_file", type=click.Path(path_type=Path), help="Routing rules YAML")
+@click.option("--dry-run", is_flag=True, help="Show which rule each FILE would hit (nothing is sent)")
+@click.option("--history", "show_history", is_flag=True, help="The routing audit")
+@click.option("--since", help="With --history: ISO time or 30m / 2h / 1d")
+@click.option("--model", "model_uri", help="With --dry-run: MODEL_URI (default: the champion)")
+@click.option("--once", is_flag=True, help="Route what is waiting, then exit")
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def route(
+    files: tuple[Path, ...],
+    rules_file: Path | None,
+    dry_run: bool,
+    show_history: bool,
+    since: str | None,
+    model_uri: str | None,
+    once: bool,
+    as_json: bool,
+) -> int:
+    """The routing worker (Orthanc queue → model server → rules → forward), its dry run and its audit."""
+    from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules, RulesError
+
+    settings = Settings()
+    if files and not dry_run:
+        raise click.UsageError("FILE arguments need --dry-run")
+    if show_history:
+        from dicom_router.routing.queue import RoutingQueue
+
+        entries = RoutingQueue(settings.routing_dir / "queue.db").history(_since(since))
+        if as_json:
+            _emit_json(entries)
+        for e in [] if as_json else entries:
+            at = datetime.fromtimestamp(e["at"], UTC).isoformat(timespec="seconds")
+            conf = "" if e["confidence"] is None else f" ({e['confidence']:.3f})"
+            stdout.print(
+                f"{at} {e['instance_id']} {e['outcome']:14} {e['body_part'] or '-'}{conf} "
+                f"rule={e['rule']} → {e['routed_to']} {e['model_version'] or ''}",
+                highlight=False,
+            )
+        return EXIT_OK
+    try:
+        rules = RoutingRules.load(rules_file or settings.route_rules or EXAMPLE_RULES)
+    except RulesError as exc:
+        raise click.UsageError(str(exc)) from None
+    if dry_run:
+        return _route_dry_run(settings, rules, files, model_uri, as_json)
+    from dicom_router.routing import service
+
+    if once:
+        counts = service.drain(settings, rules)
+        stdout.print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), highlight=False)
+        return EXIT_OK
+    service.run_forever(settings, rules)
+    return EXIT_OK
+
+
+def _route_dry_run(
+    settings: Settings, rules: Any, files: tuple[Path, ...], model_uri: str | None, as_json: bool
+) -> int:
+    from dicom_router.routing.dry_run import dry_run
+
+    if not files:
+        raise click.UsageError("--dry-run needs FILE arguments")
+    paths = _expand(files)
+    readable: list[tuple[str, bytes]] = []
+    errors: list[DicomInputError] = []
+    for path in paths:
+        data = _read_file(path)
+        if isinstance(data, DicomInputError):
+            errors.append(data)
+        else:
+            readable.append((str(path), data))
+    records = dry_run(settings, rules, readable, model_uri or f"models:/{settings.registered_model}@champion")
+    _report_errors(errors)
+    if as_json:
+        _emit_json(records + [{"file": e.path, "error": e.as_dict()} for e in errors])
+    else:
+        for r in records:
+            what = r["error"] or f"{r['body_part']}" + (
+                "" if r["confidence"] is None else f" ({r['confidence']:.3f})"
+            )
+            stdout.print(f"{r['file']}: {what} → rule {r['rule']} → {r['routed_to']}", highlight=False)
+            for step in r["rules"]:
+                if step["matched"]:
+                    break
+                stdout.print(f"    {step['rule']}: no ({step['why_not']})", highlight=False)
+    return EXIT_BAD_INPUT if errors or any(r["error"] for r in records) else EXIT_OK
 
 
 @app.command()

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from dicom_router.config import Settings
+from dicom_router.orthanc.config import Peer
+from dicom_router.orthanc.rest import OrthancClient
 from dicom_router.storage import S3Store, s3_connection
 
 log = logging.getLogger(__name__)
@@ -260,14 +262,171 @@ def mlflow_status(settings: Settings) -> dict[str, Any]:
     }
 
 
+# --- the model server: KServe predictor on loopback ------------------------------------------------
+
+
+def model_server_up(settings: Settings) -> str:
+    """``dicom-router serve`` on 127.0.0.1; live at once, ready when a champion exists (alias poll)."""
+    if settings.serve_url:
+        return settings.serve_url
+    proc = Process("model_server", settings)
+    port = settings.serve_port or proc.state().get("port") or free_port()
+    url = f"http://{HOST}:{port}"
+    proc.save_state({"url": url, "port": port})
+    argv = [_tool("dicom-router"), "serve", "--port", str(port)]
+    proc.start(
+        argv, lambda: _http_ok(f"{url}/v2/health/live"), env={"DICOM_ROUTER_DATA_DIR": str(settings.data_dir)}
+    )
+    return url
+
+
+def model_server_url(settings: Settings) -> str:
+    url = settings.serve_url or Process("model_server", settings).state().get("url")
+    if not url:
+        raise StackError("no model server: set DICOM_ROUTER_SERVE_URL or run `dicom-router stack up`")
+    return str(url)
+
+
+def model_server_status(settings: Settings) -> dict[str, Any]:
+    url = settings.serve_url or Process("model_server", settings).state().get("url")
+    local = settings.serve_url is None
+    alive = bool(url) and (not local or Process("model_server", settings).pid() is not None)
+    return {"url": url, "running": alive and _http_ok(f"{url}/v2/health/live")}
+
+
+# --- Orthanc: the archive with the routing hook, and plain ones (destinations in tests and the demo) ---
+
+
+def orthanc_credentials(settings: Settings) -> tuple[str, str]:
+    """Generated once per deployment (mode 0600) unless configured."""
+    if settings.orthanc_user and settings.orthanc_password:
+        return settings.orthanc_user, settings.orthanc_password.get_secret_value()
+    path = settings.secrets_dir / "orthanc-credentials.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"user": "dicom-router", "password": secrets.token_urlsafe(24)}, f)
+    stored = json.loads(path.read_text())
+    return str(stored["user"]), str(stored["password"])
+
+
+def orthanc_up(
+    settings: Settings,
+    *,
+    name: str = "orthanc",
+    aet: str | None = None,
+    senders: dict[str, Peer] | None = None,
+    hook: bool = True,
+    dicom_port: int = 0,
+) -> dict[str, Any]:
+    """Start an Orthanc (``hook``: with the routing plugin) and return its state.
+
+    HTTP is loopback-only with generated credentials; DICOM stores are accepted only from ``senders``
+    (default: the configured calling AET on 127.0.0.1).
+    """
+    from dicom_router.orthanc.config import orthanc_config
+
+    proc = Process(name, settings)
+    state = proc.state()
+    http_port = state.get("http_port") or (settings.orthanc_http_port if hook else 0) or free_port()
+    dicom_port = (
+        dicom_port or state.get("dicom_port") or (settings.orthanc_dicom_port if hook else 0) or free_port()
+    )
+    aet = aet or settings.orthanc_aet
+    senders = senders if senders is not None else {"modality": Peer(settings.orthanc_calling_aet, HOST, 104)}
+    user, password = orthanc_credentials(settings)
+    root = settings.data_dir / name
+    (root / "storage").mkdir(parents=True, exist_ok=True)
+    config = orthanc_config(
+        name=name,
+        aet=aet,
+        http_port=http_port,
+        dicom_port=dicom_port,
+        storage_dir=root / "storage",
+        users={user: password},
+        senders=senders,
+        queue_path=settings.routing_dir / "queue.db" if hook else None,
+        sys_path=[str(Path(__file__).resolve().parents[1])],
+    )
+    config_file = settings.stack_dir / name / "orthanc.json"
+    config_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the password
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2)
+    url = f"http://{HOST}:{http_port}"
+    state = {
+        "url": url,
+        "http_port": http_port,
+        "dicom_port": dicom_port,
+        "aet": aet,
+        "calling_aet": ",".join(sorted(p.aet for p in senders.values())),
+        "hook": hook,
+    }
+    proc.save_state(state)
+    client = OrthancClient(url, user, password, timeout_s=1.0)
+    try:
+        proc.start([_tool("Orthanc"), str(config_file)], client.alive, env={"TCP_NODELAY": "1"})
+    finally:
+        client.close()
+    return state
+
+
+def orthanc_client(settings: Settings, name: str = "orthanc") -> OrthancClient:
+    user, password = orthanc_credentials(settings)
+    url = (
+        settings.orthanc_url
+        if name == "orthanc" and settings.orthanc_url
+        else Process(name, settings).state().get("url")
+    )
+    if not url:
+        raise StackError(f"no {name}: set DICOM_ROUTER_ORTHANC_URL or run `dicom-router stack up`")
+    return OrthancClient(str(url), user, password)
+
+
+def orthanc_status(settings: Settings, name: str = "orthanc") -> dict[str, Any]:
+    state = Process(name, settings).state()
+    running = False
+    if state.get("url") and Process(name, settings).pid() is not None:
+        client = orthanc_client(settings, name)
+        running = client.alive()
+        client.close()
+    return {
+        "url": state.get("url"),
+        "http_port": state.get("http_port"),
+        "dicom_port": state.get("dicom_port"),
+        "aet": state.get("aet"),
+        "calling_aet": state.get("calling_aet"),
+        "running": running,
+    }
+
+
+# --- the routing worker ----------------------------------------------------------------------------
+
+
+def router_up(settings: Settings) -> int:
+    """``dicom-router route`` as a detached process (it finds its Orthanc and model server in the state)."""
+    proc = Process("router", settings)
+    argv = [_tool("dicom-router"), "route"]
+    if settings.route_rules:
+        argv += ["--rules", str(settings.route_rules)]
+    return proc.start(
+        argv, lambda: proc.pid() is not None, env={"DICOM_ROUTER_DATA_DIR": str(settings.data_dir)}
+    )
+
+
 # --- the whole stack ------------------------------------------------------------------------------
 
-SERVICES = ("s3", "mlflow")
+SERVICES = ("router", "orthanc", "model_server", "mlflow", "s3")
+"""Stop order: consumers first, so nothing is mid-request when its server goes."""
 
 
 def up(settings: Settings) -> dict[str, Any]:
     s3_up(settings)
     mlflow_up(settings)
+    model_server_up(settings)
+    orthanc_up(settings)
+    router_up(settings)
     return status(settings)
 
 
@@ -283,14 +442,8 @@ def status(settings: Settings) -> dict[str, Any]:
     return {
         "s3": {"endpoint": s3_state.get("endpoint"), "running": s3_running(settings)},
         "mlflow": mlflow_status(settings),
-        "model_server": {"url": None, "running": False},
-        "orthanc": {
-            "url": None,
-            "http_port": None,
-            "dicom_port": None,
-            "aet": None,
-            "calling_aet": None,
-            "running": False,
-        },
+        "model_server": model_server_status(settings),
+        "orthanc": orthanc_status(settings),
+        "router": {"running": Process("router", settings).pid() is not None},
         "evidently": {"url": None, "running": False},
     }

@@ -1,0 +1,255 @@
+"""The durable routing queue and audit: one SQLite file (WAL) shared by Orthanc's hook and the worker.
+
+Standard library only: Orthanc's embedded Python imports this module inside the stored-instance
+callback, where the only allowed work is one cheap insert. The worker claims due rows, records the
+classification on the row (so a retried forward never reclassifies), the forward job, and finally the
+outcome; every decision is also appended to ``audit``, never updated.
+
+Row states: ``pending`` (to classify) → ``forwarding`` (job submitted to Orthanc) → ``done``.
+A row whose attempt failed goes back to ``pending``/``forwarding`` with ``next_attempt_at`` in the
+future (exponential backoff).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    instance_id TEXT PRIMARY KEY,
+    enqueued_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    study_id TEXT,
+    body_part TEXT,
+    confidence REAL,
+    model_version TEXT,
+    routing_error TEXT,
+    rule TEXT,
+    routed_to TEXT,
+    destination TEXT,
+    job_id TEXT,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS queue_study ON queue (study_id);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    instance_id TEXT NOT NULL,
+    study_id TEXT,
+    body_part TEXT,
+    confidence REAL,
+    model_version TEXT,
+    rule TEXT,
+    routed_to TEXT,
+    destination TEXT,
+    outcome TEXT NOT NULL,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+COLUMNS = (
+    "instance_id",
+    "enqueued_at",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "study_id",
+    "body_part",
+    "confidence",
+    "model_version",
+    "routing_error",
+    "rule",
+    "routed_to",
+    "destination",
+    "job_id",
+    "done_at",
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One queued instance as the worker sees it."""
+
+    instance_id: str
+    enqueued_at: float
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    study_id: str | None
+    body_part: str | None
+    confidence: float | None
+    model_version: str | None
+    routing_error: str | None
+    rule: str | None
+    routed_to: str | None
+    destination: str | None
+    job_id: str | None
+    done_at: float | None
+
+    @property
+    def classified(self) -> bool:
+        return self.body_part is not None or self.routing_error is not None
+
+
+class RoutingQueue:
+    """Thread-safe access to the queue file; each process opens its own."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, cheap commits
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- the hook's only call ------------------------------------------------------------------
+    def enqueue(self, instance_id: str) -> bool:
+        """Record a stored instance once; True if it was new. Re-stores of a known instance are no-ops."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO queue (instance_id, enqueued_at) VALUES (?, ?)",
+                (instance_id, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    # --- the worker ----------------------------------------------------------------------------
+    def due(self, limit: int, now: float | None = None) -> list[Item]:
+        """Rows whose next attempt is due, oldest first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state IN ('pending', 'forwarding') "
+                "AND next_attempt_at <= ? ORDER BY enqueued_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [Item(*row) for row in rows]
+
+    def get(self, instance_id: str) -> Item | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+        return Item(*row) if row else None
+
+    def update(self, instance_id: str, **fields: Any) -> None:
+        unknown = set(fields) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown queue columns {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE queue SET {assignments} WHERE instance_id = ?", (*fields.values(), instance_id)
+            )
+
+    def retry_later(self, instance_id: str, error: str, *, base_s: float, cap_s: float) -> float:
+        """Back off exponentially (base·2^attempts, capped); returns the delay."""
+        with self._tx() as db:
+            (attempts,) = db.execute(
+                "SELECT attempts FROM queue WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+            delay = min(cap_s, base_s * 2**attempts)
+            db.execute(
+                "UPDATE queue SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+                "WHERE instance_id = ?",
+                (time.time() + delay, error, instance_id),
+            )
+        return float(delay)
+
+    def study_labels(self, study_id: str) -> set[str]:
+        """Labels the model gave the study's instances so far (for the conflict flag)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT body_part FROM queue WHERE study_id = ? AND body_part IS NOT NULL "
+                "AND body_part != 'unrouted'",
+                (study_id,),
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
+    def known(self, instance_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        with self._lock:
+            for offset in range(0, len(instance_ids), 500):
+                chunk = instance_ids[offset : offset + 500]
+                marks = ",".join("?" * len(chunk))
+                found |= {
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT instance_id FROM queue WHERE instance_id IN ({marks})", chunk
+                    )
+                }
+        return found
+
+    # --- audit and worker state -----------------------------------------------------------------
+    def audit(self, item: Item, outcome: str, detail: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit (at, instance_id, study_id, body_part, confidence, model_version, rule, "
+                "routed_to, destination, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    item.instance_id,
+                    item.study_id,
+                    item.body_part,
+                    item.confidence,
+                    item.model_version,
+                    item.rule,
+                    item.routed_to,
+                    item.destination,
+                    outcome,
+                    detail,
+                ),
+            )
+
+    def history(self, since: float | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT seq, at, instance_id, study_id, body_part, confidence, model_version, rule, "
+                "routed_to, destination, outcome, detail FROM audit WHERE at >= ? ORDER BY seq",
+                (since or 0.0,),
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def get_state(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

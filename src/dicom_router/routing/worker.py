@@ -1,0 +1,276 @@
+"""The routing worker: queue → Orthanc file → model server → rules → metadata → asynchronous forward.
+
+Each queued instance is handled on its own (a thread pool lets the model server batch concurrent
+ones); whatever cannot be done now (model server, Orthanc or a destination down) goes back to the
+queue with exponential backoff, so nothing is lost and nothing blocks. The classification is kept on
+the queue row, so a retried forward never reclassifies, and the metadata writes are idempotent.
+A restart replays Orthanc's ``/changes`` log from the last position seen, so instances stored while
+the worker (or the hook) was away are found again.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicom_router.config import Settings
+from dicom_router.dicom.errors import DicomInputError
+from dicom_router.orthanc.config import Peer
+from dicom_router.orthanc.rest import InstanceGone, OrthancClient, OrthancUnavailable, UnknownModality
+from dicom_router.routing.eligibility import projection_radiograph
+from dicom_router.routing.queue import Item, RoutingQueue
+from dicom_router.routing.rules import UNROUTED, RoutingRules, Subject, decide
+from dicom_router.serving.client import Classification, ModelClient, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+CHANGES_SEQ = "orthanc_changes_seq"
+RECOVER_EVERY_S = 30.0
+JOB_POLL_S = 0.2
+HEADER_KEYWORDS = ("SOPClassUID", "Modality", "NumberOfFrames")
+
+ClassificationHook = Callable[[str, bytes, Classification], None]
+"""Called after each model answer (instance id, DICOM bytes, answer): the inference log's entry point."""
+
+
+class Retry(Exception):
+    """Try this instance again later; the message says why."""
+
+
+def header_tags(data: bytes, keywords: list[str]) -> dict[str, str]:
+    """The header values rules and eligibility read, as strings (pixels are never parsed here)."""
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except (InvalidDicomError, ValueError, EOFError) as exc:
+        raise Retry(f"Orthanc returned an unreadable file: {exc}") from None
+    tags: dict[str, str] = {}
+    for keyword in {*HEADER_KEYWORDS, *keywords}:
+        value = dataset.get(keyword)
+        if value is not None and not isinstance(value, bytes | pydicom.Sequence):
+            tags[keyword] = (
+                "\\".join(map(str, value)) if isinstance(value, pydicom.multival.MultiValue) else str(value)
+            )
+    return tags
+
+
+@dataclass
+class Router:
+    settings: Settings
+    rules: RoutingRules
+    orthanc: OrthancClient
+    model: ModelClient
+    queue: RoutingQueue
+    on_classified: ClassificationHook | None = None
+
+    def __post_init__(self) -> None:
+        self._keywords = self.rules.tag_keywords()
+        self._destinations_checked = 0.0
+        self._last_recover = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.route_concurrency))
+
+    # --- finding work ---------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Enqueue every instance Orthanc logged since the last position that the queue lacks."""
+        seq = int(self.queue.get_state(CHANGES_SEQ) or 0)
+        found: list[str] = []
+        while True:
+            page = self.orthanc.changes(seq)
+            if int(page["Last"]) < seq:  # a new Orthanc database: its log starts again
+                seq = 0
+                continue
+            found += [c["ID"] for c in page["Changes"] if c["ChangeType"] == "NewInstance"]
+            seq = int(page["Last"])
+            if page["Done"]:
+                break
+        missing = [i for i in dict.fromkeys(found) if i not in self.queue.known(found)]
+        for instance_id in missing:
+            self.queue.enqueue(instance_id)
+        self.queue.set_state(CHANGES_SEQ, str(seq))
+        self._last_recover = time.monotonic()
+        if missing:
+            log.info("recovered %d stored instances missing from the queue", len(missing))
+        return len(missing)
+
+    def ensure_destinations(self, *, force: bool = False) -> None:
+        """Declare the rules' destinations in Orthanc (it forgets REST-declared modalities on restart)."""
+        if not force and time.monotonic() - self._destinations_checked < RECOVER_EVERY_S:
+            return
+        known = set(self.orthanc.modalities())
+        for name, destination in self.rules.destinations.items():
+            if force or name not in known:
+                self.orthanc.put_modality(name, Peer(destination.aet, destination.host, destination.port))
+        self._destinations_checked = time.monotonic()
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        log.info("routing %s → %s with %d rules", self.orthanc.url, self.model.url, len(self.rules.rules))
+        while not stop.is_set():
+            try:
+                if time.monotonic() - self._last_recover > RECOVER_EVERY_S:
+                    self.recover()
+                handled = self.step()
+            except OrthancUnavailable as exc:
+                log.warning("Orthanc unavailable (%s); waiting", exc)
+                stop.wait(self.settings.route_retry_base_s)
+                continue
+            if not handled:
+                stop.wait(self.settings.route_poll_s)
+        self._pool.shutdown(wait=True)
+
+    def drain(self, timeout_s: float) -> dict[str, int]:
+        """Route until nothing is waiting (or the timeout): ``route --once`` and tests."""
+        deadline = time.monotonic() + timeout_s
+        self.recover()
+        while time.monotonic() < deadline:
+            self.step()
+            counts = self.queue.counts()
+            if not counts.get("pending") and not counts.get("forwarding"):
+                break
+            time.sleep(self.settings.route_poll_s)
+        return self.queue.counts()
+
+    def step(self) -> int:
+        """Handle every due instance once; returns how many were due."""
+        items = self.queue.due(limit=max(8, 4 * self.settings.route_concurrency))
+        if items:
+            self.ensure_destinations()
+            list(self._pool.map(self._handle, items))
+        return len(items)
+
+    def _handle(self, item: Item) -> None:
+        try:
+            if item.state == "forwarding":
+                self._follow_forward(item)
+            else:
+                self._route(item)
+        except InstanceGone:
+            self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error="deleted")
+            self.queue.audit(item, "gone", "deleted from Orthanc before it was routed")
+        except (Retry, ModelUnavailable, OrthancUnavailable, UnknownModality) as exc:
+            delay = self.queue.retry_later(
+                item.instance_id,
+                f"{exc.__class__.__name__}: {exc}",
+                base_s=self.settings.route_retry_base_s,
+                cap_s=self.settings.route_retry_cap_s,
+            )
+            if isinstance(exc, UnknownModality):
+                self._destinations_checked = 0.0
+            log.info("%s: retry in %.1f s (%s)", item.instance_id, delay, exc)
+        except Exception as exc:  # a bug must not stop the queue: back off and keep the instance
+            log.exception("%s: unexpected failure; will retry", item.instance_id)
+            self.queue.retry_later(
+                item.instance_id,
+                f"{exc.__class__.__name__}: {exc}",
+                base_s=self.settings.route_retry_base_s,
+                cap_s=self.settings.route_retry_cap_s,
+            )
+
+    # --- one instance ----------------------------------------------------------------------------
+    def _route(self, item: Item) -> None:
+        data = self.orthanc.instance_file(item.instance_id)
+        tags = header_tags(data, self._keywords)
+        if not item.classified:
+            item = self._classify(item, data, tags)
+        study_id = item.study_id or self.orthanc.parent_study(item.instance_id)
+        labels = self.queue.study_labels(study_id)
+        conflict = len(labels) > 1
+        if conflict:
+            self.orthanc.set_metadata("studies", study_id, "BodyPartConflict", ",".join(sorted(labels)))
+        calling_aet = self.orthanc.metadata("instances", item.instance_id).get("RemoteAET")
+        decision = decide(
+            self.rules,
+            Subject(
+                body_part=item.body_part,
+                confidence=item.confidence,
+                tags=tags,
+                calling_aet=calling_aet,
+                study_conflict=conflict,
+                error=item.routing_error,
+            ),
+        )
+        self._write_metadata(item, decision.routed_to)
+        self.queue.update(
+            item.instance_id,
+            rule=decision.rule,
+            routed_to=decision.routed_to,
+            destination=decision.destination,
+        )
+        decided = self.queue.get(item.instance_id)
+        assert decided is not None
+        self.queue.audit(decided, "decided")
+        if decision.destination is None:
+            self.queue.update(item.instance_id, state="done", done_at=time.time())
+            self.queue.audit(decided, "kept", "no destination: stays in Orthanc")
+            return
+        self._forward(decided)
+
+    def _classify(self, item: Item, data: bytes, tags: dict[str, str]) -> Item:
+        eligible, reason = projection_radiograph(tags)
+        fields: dict[str, Any] = {"study_id": self.orthanc.parent_study(item.instance_id)}
+        if not eligible:
+            fields |= {"body_part": UNROUTED}
+            log.info("%s: unrouted (%s)", item.instance_id, reason)
+        else:
+            try:
+                answer = self.model.classify(
+                    data, path=item.instance_id, embedding=self.on_classified is not None
+                )
+            except DicomInputError as exc:
+                fields |= {"routing_error": f"{exc.type}: {exc.reason}"}
+            else:
+                fields |= {
+                    "body_part": answer.label,
+                    "confidence": answer.confidence,
+                    "model_version": answer.model_version,
+                }
+                if self.on_classified is not None:
+                    self.on_classified(item.instance_id, data, answer)
+        self.queue.update(item.instance_id, **fields)
+        classified = self.queue.get(item.instance_id)
+        assert classified is not None
+        return classified
+
+    def _write_metadata(self, item: Item, routed_to: str) -> None:
+        """The contract's UserMetadata; written before forwarding, so a PACS sees it with the image."""
+        values: dict[str, str] = {"RoutedTo": routed_to}
+        if item.body_part is not None:
+            values["BodyPart"] = item.body_part
+        if item.confidence is not None:
+            values["BodyPartConfidence"] = f"{item.confidence:.4f}"
+        if item.model_version is not None:
+            values["ModelVersion"] = f"{self.settings.registered_model}/{item.model_version}"
+        if item.routing_error is not None:
+            values["RoutingError"] = item.routing_error
+        for name, value in values.items():
+            self.orthanc.set_metadata("instances", item.instance_id, name, value)
+
+    def _forward(self, item: Item) -> None:
+        assert item.destination is not None
+        job_id = self.orthanc.store(item.destination, [item.instance_id])
+        self.queue.update(
+            item.instance_id, state="forwarding", job_id=job_id, next_attempt_at=time.time() + JOB_POLL_S
+        )
+
+    def _follow_forward(self, item: Item) -> None:
+        if item.job_id is None:  # the previous job failed: submit again
+            self._forward(item)
+            return
+        job = self.orthanc.job(item.job_id)
+        if job.state == "Success":
+            self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error=None)
+            self.queue.audit(item, "delivered", f"job {job.id}")
+        elif job.state in ("Failure", "Unknown"):
+            self.queue.update(item.instance_id, job_id=None)
+            self.queue.audit(item, "forward-failed", job.error)
+            raise Retry(f"forward to {item.destination} failed: {job.error}")
+        else:
+            self.queue.update(item.instance_id, next_attempt_at=time.time() + JOB_POLL_S)

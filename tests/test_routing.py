@@ -1,0 +1,262 @@
+"""Orthanc → hook → queue → model server → rules → metadata → destination, with real servers.
+
+One real Orthanc with the plugin, a second plain Orthanc as the destination (the rules' destinations
+are called AETs of it, so its ``CalledAET`` metadata says which route an instance took), the real
+KServe model server and the routing worker as separate processes, C-STORE with dcmtk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydicom.uid import CTImageStorage, generate_uid
+
+from dicom_router import stack
+from dicom_router.config import Settings
+from dicom_router.orthanc.config import USER_METADATA, Peer
+from dicom_router.routing.queue import RoutingQueue
+from dicom_router.routing.rules import RoutingRules, Subject, decide
+from dicom_router.synth import synthesize
+from tests.conftest import run_cli
+from tests.dicom_factory import dicom_dataset
+
+DESTINATION_AET = "DESTINATION"
+
+
+def rules_for(port: int) -> dict[str, object]:
+    """CR goes one way, DX another, non-radiographs to the archive; review is a destination too."""
+    where = {"host": "127.0.0.1", "port": port}
+    return {
+        "destinations": {
+            "cr-pacs": {"aet": "CRPACS", **where},
+            "dx-pacs": {"aet": "DXPACS", **where},
+            "archive": {"aet": "ARCHIVE", **where},
+            "review-station": {"aet": "REVIEW", **where},
+        },
+        "review": {"destination": "review-station", "below_confidence": 0.0},
+        "rules": [
+            {"name": "non-radiograph", "when": {"body_part": "unrouted"}, "route": "archive"},
+            {"name": "cr", "when": {"modality": "CR"}, "route": "cr-pacs"},
+        ],
+        "default": "dx-pacs",
+    }
+
+
+def send(folder: Path, port: int, *, calling_aet: str = "MODALITY", check: bool = True) -> int:
+    done = subprocess.run(
+        [
+            "dcmsend",
+            "-aet",
+            calling_aet,
+            "-aec",
+            "DICOMROUTER",
+            "127.0.0.1",
+            str(port),
+            "--scan-directories",
+            "--recurse",
+            "--scan-pattern",
+            "*.dcm",
+            str(folder),
+        ],
+        check=check,
+        capture_output=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        timeout=120,
+    )
+    return done.returncode
+
+
+def write(folder: Path, name: str, ds: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / name, enforce_file_format=True)  # type: ignore[attr-defined]
+
+
+def odd_instances(folder: Path) -> None:
+    """A CT slice, a multi-frame DX (both unrouted) and a DX whose pixel data is cut short (poison)."""
+    ct = dicom_dataset(np.zeros((16, 16), np.uint16), Modality="CT")
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    write(folder, "ct.dcm", ct)
+    write(folder, "multiframe.dcm", dicom_dataset(np.zeros((3, 16, 16), np.uint16)))
+    poison = dicom_dataset(np.zeros((64, 64), np.uint16), raw_pixel_bytes=b"\0" * 100)
+    poison.SOPInstanceUID = poison.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    write(folder, "poison.dcm", poison)
+
+
+@pytest.fixture
+def routed_stack(
+    settings: Settings, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    destination = stack.orthanc_up(
+        settings,
+        name="destination",
+        aet=DESTINATION_AET,
+        hook=False,
+        senders={"router": Peer(settings.orthanc_aet, "127.0.0.1", 104)},
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rules_for(destination["dicom_port"])))
+    for key, value in {
+        "MODEL_URI": str(tiny_bundle),
+        "ROUTE_RULES": str(rules),
+        "ROUTE_RETRY_BASE_S": "0.2",
+        "ROUTE_RETRY_CAP_S": "1.0",
+        "ROUTE_POLL_S": "0.05",
+    }.items():
+        monkeypatch.setenv(f"DICOM_ROUTER_{key}", value)
+    configured = Settings()
+    stack.model_server_up(configured)
+    stack.orthanc_up(configured)
+    try:
+        yield configured
+    finally:
+        stack.down(configured)
+        stack.Process("destination", configured).stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_every_instance_is_routed_exactly_once_through_outages(
+    routed_stack: Settings, tmp_path: Path
+) -> None:
+    settings = routed_stack
+    port = stack.orthanc_status(settings)["dicom_port"]
+    batches = [tmp_path / f"batch{i}" for i in range(3)]
+    synthesize(batches[0], 8, sites=3, seed=1, long_side_px=64)
+    synthesize(batches[1], 8, sites=3, seed=2, long_side_px=64)
+    odd_instances(batches[2])
+    synthesize(batches[2], 4, sites=2, seed=3, long_side_px=64)
+    queue = RoutingQueue(settings.routing_dir / "queue.db")
+
+    stack.router_up(settings)
+    send(batches[0], port)
+    stack.Process("model_server", settings).stop()  # the model server goes down mid-stream
+    send(batches[1], port)
+    wait_until(lambda: _retried(queue, _ids(settings)), 30, "a retry while the model server is down")
+    stack.model_server_up(settings)
+    stack.Process("router", settings).stop()  # and the worker restarts while instances arrive
+    send(batches[2], port)
+    stack.router_up(settings)
+
+    orthanc = stack.orthanc_client(settings)
+    total = 8 + 8 + 4 + 3
+    wait_until(lambda: len(orthanc.instances()) == total, 30, "all instances stored")
+    wait_until(lambda: queue.counts().get("done") == total, 120, f"all routed ({queue.counts()})")
+
+    rules = RoutingRules.load(settings.route_rules)  # type: ignore[arg-type]
+    destination = stack.orthanc_client(settings, "destination")
+    called: Counter[str] = Counter()
+    for instance in destination.instances():
+        called[destination.metadata("instances", instance)["CalledAET"]] += 1
+    expected: Counter[str] = Counter()
+    history = queue.history()
+    for instance in orthanc.instances():
+        meta = orthanc.metadata("instances", instance)
+        assert set(meta) & set(USER_METADATA) >= {"RoutedTo"}
+        tags = dict(orthanc._json("GET", f"/instances/{instance}/simplified-tags"))
+        subject = Subject(
+            body_part=meta.get("BodyPart"),
+            confidence=float(meta["BodyPartConfidence"]) if "BodyPartConfidence" in meta else None,
+            tags={k: str(v) for k, v in tags.items() if isinstance(v, str)},
+            calling_aet=meta["RemoteAET"],
+            error=meta.get("RoutingError"),
+        )
+        decision = decide(rules, subject)
+        assert meta["RoutedTo"] == decision.routed_to
+        expected[rules.destinations[decision.destination].aet] += 1  # type: ignore[index]
+        if meta.get("BodyPart") not in (None, "unrouted"):
+            assert meta["ModelVersion"] == "bodypart-router/local"
+            assert 0.0 < float(meta["BodyPartConfidence"]) <= 1.0
+        delivered = [h for h in history if h["instance_id"] == instance and h["outcome"] == "delivered"]
+        assert len(delivered) == 1, f"{instance} delivered {len(delivered)} times"
+    assert called == expected
+    assert expected["ARCHIVE"] == 2 and expected["REVIEW"] == 1  # CT + multi-frame; the poison
+    poison = [i for i in orthanc.instances() if "RoutingError" in orthanc.metadata("instances", i)]
+    assert len(poison) == 1
+    assert orthanc.metadata("instances", poison[0])["RoutingError"].split(":")[0] in (
+        "InvalidPixelData",
+        "Truncated",
+    )
+
+    synthesize(tmp_path / "intruder", 2, sites=1, seed=9, long_side_px=64)
+    assert send(tmp_path / "intruder", port, calling_aet="INTRUDER", check=False) != 0  # undeclared AET
+    assert len(orthanc.instances()) == total
+
+    result = run_cli("route", "--history", "--json")
+    assert result.returncode == 0
+    assert sum(1 for h in json.loads(result.stdout) if h["outcome"] == "delivered") == total
+
+
+def _retried(queue: RoutingQueue, ids: list[str]) -> bool:
+    items = [queue.get(i) for i in ids]
+    return any(item is not None and item.attempts > 0 for item in items)
+
+
+def _ids(settings: Settings) -> list[str]:
+    return stack.orthanc_client(settings).instances()
+
+
+def test_instances_the_queue_never_saw_are_found_in_orthancs_change_log(
+    routed_stack: Settings, tmp_path: Path
+) -> None:
+    settings = routed_stack
+    synthesize(tmp_path / "in", 5, sites=2, seed=4, long_side_px=64)
+    send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
+    (settings.routing_dir / "queue.db").unlink()  # the queue is lost (hook and worker state gone)
+    for suffix in ("-wal", "-shm"):
+        (settings.routing_dir / f"queue.db{suffix}").unlink(missing_ok=True)
+    stack.Process("orthanc", settings).stop()  # Orthanc restarts too; its /changes log survives
+    stack.orthanc_up(settings)
+    result = run_cli("route", "--once")
+    assert result.returncode == 0, result.stderr
+    queue = RoutingQueue(settings.routing_dir / "queue.db")
+    assert queue.counts() == {"done": 5}
+    orthanc = stack.orthanc_client(settings)
+    assert all("RoutedTo" in orthanc.metadata("instances", i) for i in orthanc.instances())
+
+
+@pytest.mark.usefixtures("settings")
+def test_dry_run_shows_the_rule_each_file_would_hit(tiny_bundle: Path, tmp_path: Path) -> None:
+    synthesize(tmp_path / "in", 4, sites=2, seed=5, long_side_px=64)
+    odd_instances(tmp_path / "in")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rules_for(4243)))
+    result = run_cli(
+        "route",
+        "--dry-run",
+        str(tmp_path / "in"),
+        "--rules",
+        str(rules),
+        "--model",
+        str(tiny_bundle),
+        "--json",
+    )
+    assert result.returncode == 2, result.stderr  # the poison file is reported, the rest still decided
+    records = {Path(r["file"]).name: r for r in json.loads(result.stdout)}
+    assert records["ct.dcm"]["rule"] == "non-radiograph" and records["ct.dcm"]["routed_to"] == "archive"
+    assert records["multiframe.dcm"]["body_part"] == "unrouted"
+    assert records["poison.dcm"]["routed_to"] == "review" and records["poison.dcm"]["rule"] == "error"
+    radiographs = [r for name, r in records.items() if name not in ("ct.dcm", "multiframe.dcm", "poison.dcm")]
+    assert len(radiographs) == 4
+    for r in radiographs:
+        assert r["rule"] in ("cr", "default") and r["model"] == "bodypart-router/local"
+        assert r["rules"][0] == {
+            "rule": "non-radiograph",
+            "matched": False,
+            "why_not": r["rules"][0]["why_not"],
+        }
+    bad = run_cli("route", "--dry-run", str(tmp_path / "in"), "--rules", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 64
