@@ -8,8 +8,6 @@ KServe model server and the routing worker as separate processes, C-STORE with d
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,6 +21,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from dicom_router import stack
 from dicom_router.config import Settings
 from dicom_router.orthanc.config import USER_METADATA, Peer
+from dicom_router.orthanc.send import SendError, dcmsend
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules, Subject, decide
 from dicom_router.synth import synthesize
@@ -51,28 +50,8 @@ def rules_for(port: int) -> dict[str, object]:
     }
 
 
-def send(folder: Path, port: int, *, calling_aet: str = "MODALITY", check: bool = True) -> int:
-    done = subprocess.run(
-        [
-            "dcmsend",
-            "-aet",
-            calling_aet,
-            "-aec",
-            "DICOMROUTER",
-            "127.0.0.1",
-            str(port),
-            "--scan-directories",
-            "--recurse",
-            "--scan-pattern",
-            "*.dcm",
-            str(folder),
-        ],
-        check=check,
-        capture_output=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-        timeout=120,
-    )
-    return done.returncode
+def send(folder: Path, port: int, *, calling_aet: str = "MODALITY") -> None:
+    dcmsend(folder, port=port, called_aet="DICOMROUTER", calling_aet=calling_aet)
 
 
 def write(folder: Path, name: str, ds: object) -> None:
@@ -139,7 +118,7 @@ def test_every_instance_is_routed_exactly_once_through_outages(
     synthesize(batches[1], 8, sites=3, seed=2, long_side_px=64)
     odd_instances(batches[2])
     synthesize(batches[2], 4, sites=2, seed=3, long_side_px=64)
-    queue = RoutingQueue(settings.routing_dir / "queue.db")
+    queue = RoutingQueue(settings.routing_queue)
 
     stack.router_up(settings)
     send(batches[0], port)
@@ -166,7 +145,7 @@ def test_every_instance_is_routed_exactly_once_through_outages(
     for instance in orthanc.instances():
         meta = orthanc.metadata("instances", instance)
         assert set(meta) & set(USER_METADATA) >= {"RoutedTo"}
-        tags = dict(orthanc._json("GET", f"/instances/{instance}/simplified-tags"))
+        tags = dict(orthanc.simplified_tags(instance))
         subject = Subject(
             body_part=meta.get("BodyPart"),
             confidence=float(meta["BodyPartConfidence"]) if "BodyPartConfidence" in meta else None,
@@ -192,7 +171,8 @@ def test_every_instance_is_routed_exactly_once_through_outages(
     )
 
     synthesize(tmp_path / "intruder", 2, sites=1, seed=9, long_side_px=64)
-    assert send(tmp_path / "intruder", port, calling_aet="INTRUDER", check=False) != 0  # undeclared AET
+    with pytest.raises(SendError):  # an AET Orthanc was not told about cannot store
+        send(tmp_path / "intruder", port, calling_aet="INTRUDER")
     assert len(orthanc.instances()) == total
 
     result = run_cli("route", "--history", "--json")
@@ -215,14 +195,14 @@ def test_instances_the_queue_never_saw_are_found_in_orthancs_change_log(
     settings = routed_stack
     synthesize(tmp_path / "in", 5, sites=2, seed=4, long_side_px=64)
     send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
-    (settings.routing_dir / "queue.db").unlink()  # the queue is lost (hook and worker state gone)
+    (settings.routing_queue).unlink()  # the queue is lost (hook and worker state gone)
     for suffix in ("-wal", "-shm"):
         (settings.routing_dir / f"queue.db{suffix}").unlink(missing_ok=True)
     stack.Process("orthanc", settings).stop()  # Orthanc restarts too; its /changes log survives
     stack.orthanc_up(settings)
     result = run_cli("route", "--once")
     assert result.returncode == 0, result.stderr
-    queue = RoutingQueue(settings.routing_dir / "queue.db")
+    queue = RoutingQueue(settings.routing_queue)
     assert queue.counts() == {"done": 5}
     orthanc = stack.orthanc_client(settings)
     assert all("RoutedTo" in orthanc.metadata("instances", i) for i in orthanc.instances())

@@ -490,7 +490,7 @@ def route(
     if show_history:
         from dicom_router.routing.queue import RoutingQueue
 
-        entries = RoutingQueue(settings.routing_dir / "queue.db").history(_since(since))
+        entries = RoutingQueue(settings.routing_queue).history(_since(since))
         if as_json:
             _emit_json(entries)
         for e in [] if as_json else entries:

@@ -126,8 +126,12 @@ class Settings(BaseSettings):
 
     @property
     def routing_dir(self) -> Path:
-        """The routing queue and audit (SQLite), shared by Orthanc's hook and the router."""
         return self.data_dir / "routing"
+
+    @property
+    def routing_queue(self) -> Path:
+        """The routing queue and audit (SQLite), shared by Orthanc's hook and the router."""
+        return self.routing_dir / "queue.db"
 
     @property
     def stack_dir(self) -> Path:

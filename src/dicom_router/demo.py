@@ -6,10 +6,16 @@ happened, so a person can re-run any stage by hand on the objects it leaves in t
 
 from __future__ import annotations
 
+import csv
 import logging
+import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pydicom
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -17,9 +23,12 @@ from dicom_router import stack, synth
 from dicom_router.candidates import load_labelled, train_candidates
 from dicom_router.catalog import ingest, summary_table
 from dicom_router.config import Settings
-from dicom_router.inference import Prediction
+from dicom_router.orthanc.config import Peer
+from dicom_router.orthanc.send import dcmsend
 from dicom_router.promotion import promote
-from dicom_router.registry import CHAMPION, load_bundle
+from dicom_router.routing.queue import RoutingQueue
+from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
+from dicom_router.serving.client import ModelClient
 from dicom_router.storage import S3Store, Store, open_store
 from dicom_router.train import TrainConfig
 
@@ -30,6 +39,7 @@ DEMO_SITES = 3
 DEMO_LONG_SIDE = 128
 DEMO_TRAINING = TrainConfig(arch="resnet18", epochs=10, image_size=96, batch_size=32)
 """Small enough for a laptop CPU in under a minute; real training sizes are flags of ``train``."""
+DEMO_ROUTED = 40
 
 
 def upload_folder(folder: Path, store: Store, threads: int = 8) -> int:
@@ -38,6 +48,80 @@ def upload_folder(folder: Path, store: Store, threads: int = 8) -> int:
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda p: store.write(p.relative_to(folder).as_posix(), p.read_bytes()), files))
     return len(files)
+
+
+def demo_rules(settings: Settings, destination_port: int) -> Path:
+    """The shipped example rules, with every destination pointed at the demo's PACS Orthanc."""
+    rules = RoutingRules.load(EXAMPLE_RULES)
+    moved = {
+        name: destination.model_copy(update={"port": destination_port})
+        for name, destination in rules.destinations.items()
+    }
+    path = settings.data_dir / "demo" / "routing-rules.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(rules.model_copy(update={"destinations": moved}).model_dump(mode="json")))
+    return path
+
+
+def route_and_show(settings: Settings, console: Console, sources: list[tuple[str, Path]]) -> None:
+    """Send each folder to Orthanc with dcmsend; show where the router put every instance."""
+    pacs = stack.orthanc_up(
+        settings,
+        name="pacs",
+        aet="PACS",
+        hook=False,
+        senders={"router": Peer(settings.orthanc_aet, stack.HOST, 104)},
+    )
+    settings = settings.model_copy(update={"route_rules": demo_rules(settings, pacs["dicom_port"])})
+    model_url = stack.model_server_up(settings)
+    orthanc = stack.orthanc_up(settings)
+    stack.router_up(settings)
+    client = ModelClient(model_url)
+    wait(client.ready, 120, "the model server to load the champion")
+    expected: dict[str, tuple[str, str]] = {}  # SOPInstanceUID → (source, true label)
+    started = time.monotonic()
+    for name, folder in sources:
+        with (folder / "labels.csv").open(newline="") as f:
+            labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
+        for path in sorted(folder.rglob("*.dcm")):
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            expected[uid] = (name, labels.get(path.relative_to(folder).as_posix(), "?"))
+        dcmsend(
+            folder,
+            port=orthanc["dicom_port"],
+            called_aet=orthanc["aet"],
+            calling_aet=settings.orthanc_calling_aet,
+        )
+    queue = RoutingQueue(settings.routing_queue)
+    rest = stack.orthanc_client(settings)
+    wait(lambda: queue.counts().get("done", 0) >= len(rest.instances()), 600, "every instance to be routed")
+    elapsed = time.monotonic() - started
+    outcome: Counter[tuple[str, str, str]] = Counter()
+    right: Counter[str] = Counter()
+    for instance in rest.instances():
+        meta = rest.metadata("instances", instance)
+        uid = str(rest.instance(instance)["MainDicomTags"]["SOPInstanceUID"])
+        source, truth = expected.get(uid, ("?", "?"))
+        outcome[(source, meta.get("BodyPart", "-"), meta["RoutedTo"])] += 1
+        right[source] += int(meta.get("BodyPart") == truth)
+    table = Table(title=f"6/6 routed {len(expected)} instances sent with dcmsend in {elapsed:.1f} s")
+    for column in ("source", "BodyPart", "RoutedTo", "instances"):
+        table.add_column(column)
+    for (source, body_part, routed_to), n in sorted(outcome.items()):
+        table.add_row(source, body_part, routed_to, str(n))
+    console.print(table)
+    for name, _ in sources:
+        total = sum(n for (source, _, _), n in outcome.items() if source == name)
+        console.print(f"{name}: BodyPart matches the label for {right[name]} of {total}")
+    console.print(f"Orthanc: {orthanc['url']} · audit: `dicom-router route --history` · PACS: {pacs['url']}")
+
+
+def wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise stack.StackError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
 
 
 def run_demo(settings: Settings, console: Console) -> int:
@@ -75,18 +159,11 @@ def run_demo(settings: Settings, console: Console) -> int:
     )
 
     unseen = settings.data_dir / "demo" / "unseen"
-    fresh = synth.synthesize(unseen, 10, sites=DEMO_SITES, seed=99, long_side_px=DEMO_LONG_SIDE)
-    bundle = load_bundle(settings, f"models:/{settings.registered_model}@{CHAMPION}")
-    items = [(str(unseen / r.file), (unseen / r.file).read_bytes()) for r in fresh]
-    predictions, ms = bundle.predict_items(items, max_pixels=settings.max_image_pixels)
-    table = Table(title=f"6/6 champion (version {bundle.version}) on 10 new images, {ms:.1f} ms/image")
-    for column in ("file", "true label", "predicted", "confidence"):
-        table.add_column(column)
-    for record, prediction in zip(fresh, predictions, strict=True):
-        if isinstance(prediction, Prediction):
-            mark = "" if prediction.label == record.label else " ✗"
-            table.add_row(record.file, record.label, prediction.label + mark, f"{prediction.confidence:.3f}")
-    console.print(table)
+    synth.synthesize(unseen, DEMO_ROUTED, sites=DEMO_SITES, seed=99, long_side_px=DEMO_LONG_SIDE)
+    sources = [("synthetic (unseen)", unseen)]
+    if (settings.shared_dir / "xray-real" / "labels.csv").is_file():
+        sources.append(("real radiographs", settings.shared_dir / "xray-real"))
+    route_and_show(settings, console, sources)
     console.print(
         f"MLflow UI: {mlflow_url} · the stack keeps running; stop it with `dicom-router stack down`."
     )

@@ -346,7 +346,7 @@ def orthanc_up(
         storage_dir=root / "storage",
         users={user: password},
         senders=senders,
-        queue_path=settings.routing_dir / "queue.db" if hook else None,
+        queue_path=settings.routing_queue if hook else None,
         sys_path=[str(Path(__file__).resolve().parents[1])],
     )
     config_file = settings.stack_dir / name / "orthanc.json"

@@ -68,6 +68,14 @@ class OrthancClient:
         response.raise_for_status()
         return response.content
 
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._json("GET", f"/instances/{instance_id}")
+        return found
+
+    def simplified_tags(self, instance_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._json("GET", f"/instances/{instance_id}/simplified-tags")
+        return found
+
     def parent_study(self, instance_id: str) -> str:
         return str(self._json("GET", f"/instances/{instance_id}/study")["ID"])
 

@@ -19,7 +19,7 @@ def router(settings: Settings, rules: RoutingRules) -> Router:
         rules=rules,
         orthanc=stack.orthanc_client(settings),
         model=ModelClient(stack.model_server_url(settings)),
-        queue=RoutingQueue(settings.routing_dir / "queue.db"),
+        queue=RoutingQueue(settings.routing_queue),
     )
 
 

@@ -1,0 +1,189 @@
+"""Routing benchmarks, every ratio against a baseline measured in the same run.
+
+1. Hook overhead: C-STORE time (dcmsend of a fresh folder) into an Orthanc with the enqueue-only
+   plugin vs a plain Orthanc, alternating, several rounds (target <= 1.05x).
+2. Ingest → routed: the whole chain (hook, queue, router, KServe model server on CPU at 256 px,
+   metadata, forward to a destination Orthanc): per-instance latency p50/p99 from the hook's enqueue
+   to the confirmed delivery, and sustained throughput.
+3. The model server's images/s (HTTP + base64 + decode in its workers) vs ``predict`` in-process on
+   the same files: the overhead ratio.
+
+Files: ../shared/xray-real (real radiographs) when present, else synthetic.
+
+    .venv/bin/python bench/routing.py [--rounds 3] [--image-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import yaml
+from pydicom.uid import generate_uid
+
+from dicom_router import stack
+from dicom_router.config import Settings
+from dicom_router.inference import Bundle, PreprocessConfig
+from dicom_router.models import BodyPartNet, export_bundle
+from dicom_router.orthanc.config import Peer
+from dicom_router.orthanc.send import dcmsend
+from dicom_router.routing.queue import RoutingQueue
+from dicom_router.serving.client import ModelClient
+from dicom_router.synth import synthesize
+
+
+def fresh_copy(source: Path, out: Path) -> Path:
+    """The same files with new UIDs, so Orthanc stores (and the hook sees) every one again."""
+    for path in sorted(source.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        target = out / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target, enforce_file_format=True)
+    return out
+
+
+def timed_send(folder: Path, port: int, aet: str, calling: str) -> float:
+    start = time.perf_counter()
+    dcmsend(folder, port=port, called_aet=aet, calling_aet=calling)
+    return time.perf_counter() - start
+
+
+def hook_overhead(source: Path, work: Path, rounds: int) -> None:
+    settings = Settings(data_dir=work / "overhead")  # its own Orthancs and queue, nothing routes them
+    plain = stack.orthanc_up(settings, name="plain", hook=False)
+    hooked = stack.orthanc_up(settings, name="orthanc", hook=True)
+    calling = settings.orthanc_calling_aet
+    times: dict[str, list[float]] = {"plain": [], "hook": []}
+    for r in range(rounds):
+        a = fresh_copy(source, work / f"plain{r}")
+        b = fresh_copy(source, work / f"hook{r}")
+        order = [("plain", a, plain), ("hook", b, hooked)]
+        for name, folder, server in order if r % 2 == 0 else order[::-1]:
+            times[name].append(timed_send(folder, server["dicom_port"], server["aet"], calling))
+    n = len(list(source.rglob("*.dcm")))
+    plain_s, hook_s = statistics.median(times["plain"]), statistics.median(times["hook"])
+    print(f"\n1. hook overhead: {n} instances per round, {rounds} rounds (median)")
+    print(f"   plain Orthanc   {plain_s:6.2f} s  ({n / plain_s:6.0f} instances/s)  rounds {times['plain']}")
+    print(f"   with the hook   {hook_s:6.2f} s  ({n / hook_s:6.0f} instances/s)  rounds {times['hook']}")
+    print(f"   ratio           {hook_s / plain_s:6.2f}x  (target <= 1.05x)")
+    for name in ("plain", "orthanc"):
+        stack.Process(name, settings).stop()
+
+
+def routed_latency(settings: Settings, source: Path, work: Path) -> None:
+    destination = stack.orthanc_up(
+        settings,
+        name="destination",
+        aet="DEST",
+        hook=False,
+        senders={"r": Peer(settings.orthanc_aet, stack.HOST, 104)},
+    )
+    rules = work / "rules.yaml"
+    where = {"host": stack.HOST, "port": destination["dicom_port"]}
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "destinations": {"pacs": {"aet": "PACS", **where}},
+                "review": {"destination": "pacs"},
+                "default": "pacs",
+            }
+        )
+    )
+    settings = settings.model_copy(update={"route_rules": rules})
+    queue = RoutingQueue(settings.routing_queue)
+    already = queue.counts().get("done", 0)
+    stack.orthanc_up(settings)
+    stack.router_up(settings)
+    folder = fresh_copy(source, work / "routed")
+    n = len(list(folder.rglob("*.dcm")))
+    dcmsend(
+        folder,
+        port=stack.orthanc_status(settings)["dicom_port"],
+        called_aet=settings.orthanc_aet,
+        calling_aet=settings.orthanc_calling_aet,
+    )
+    deadline = time.monotonic() + 900
+    while queue.counts().get("done", 0) < already + n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    rows = (
+        sqlite3.connect(settings.routing_queue)
+        .execute("SELECT enqueued_at, done_at FROM queue WHERE state = 'done' ORDER BY enqueued_at")
+        .fetchall()[-n:]
+    )
+    latencies = np.array([done - queued for queued, done in rows])
+    span = max(d for _, d in rows) - min(q for q, _ in rows)
+    print(f"\n2. ingest → routed (hook enqueue to confirmed delivery), {n} instances in one dcmsend")
+    print(f"   latency p50 {np.percentile(latencies, 50):.2f} s, p99 {np.percentile(latencies, 99):.2f} s")
+    print(f"   sustained throughput {n / span:.1f} instances/s ({span:.1f} s for {n})")
+    stack.Process("router", settings).stop()
+    stack.Process("destination", settings).stop()
+
+
+def server_vs_inprocess(settings: Settings, bundle_dir: Path, source: Path) -> None:
+    files = [p.read_bytes() for p in sorted(source.rglob("*.dcm"))]
+    bundle = Bundle(bundle_dir)
+    bundle.predict_items([("warm", files[0])], max_pixels=settings.max_image_pixels)
+    start = time.perf_counter()
+    bundle.predict_items([(str(i), f) for i, f in enumerate(files)], max_pixels=settings.max_image_pixels)
+    inprocess = len(files) / (time.perf_counter() - start)
+    client = ModelClient(stack.model_server_url(settings))
+    client.classify(files[0])
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(client.classify, files))
+    served = len(files) / (time.perf_counter() - start)
+    print(f"\n3. model server vs in-process predict, {len(files)} files, {bundle.preprocess.image_size} px")
+    print(f"   in-process predict  {inprocess:6.1f} images/s (one process, batches of 32)")
+    print(f"   model server        {served:6.1f} images/s (8 concurrent clients, V2 over HTTP)")
+    print(f"   ratio               {inprocess / served:6.2f}x (HTTP + base64 + inter-process overhead)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        settings = Settings(data_dir=work / "data")
+        real = settings.shared_dir / "xray-real"
+        source = real
+        if not real.is_dir():
+            source = work / "synth"
+            synthesize(source, 200, seed=1)
+        print(f"files: {source} ({len(list(source.rglob('*.dcm')))} DICOM)")
+        torch.manual_seed(0)
+        bundle_dir = export_bundle(
+            BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=args.image_size), {}, work / "bundle"
+        )
+        settings = settings.model_copy(update={"model_uri": str(bundle_dir)})
+        os.environ["DICOM_ROUTER_MODEL_URI"] = str(bundle_dir)
+        try:
+            hook_overhead(source, work, args.rounds)
+            stack.model_server_up(settings)
+            deadline = time.monotonic() + 120
+            while not ModelClient(stack.model_server_url(settings)).ready() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            server_vs_inprocess(settings, bundle_dir, source)
+            routed_latency(settings, source, work)
+        finally:
+            stack.down(settings)
+            stack.Process("destination", settings).stop()
+
+
+if __name__ == "__main__":
+    main()
