@@ -150,6 +150,16 @@ class RoutingQueue:
             ).fetchall()
         return [Item(*row) for row in rows]
 
+    def ready_to_forward(self, now: float | None = None) -> list[Item]:
+        """Decided instances with a destination and no job yet (new, or whose last job failed), due now."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state = 'forwarding' AND job_id IS NULL "
+                "AND next_attempt_at <= ? ORDER BY enqueued_at",
+                (time.time() if now is None else now,),
+            ).fetchall()
+        return [Item(*row) for row in rows]
+
     def get(self, instance_id: str) -> Item | None:
         with self._lock:
             row = self._db.execute(

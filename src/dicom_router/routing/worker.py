@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pydicom
@@ -139,40 +140,55 @@ class Router:
         return self.queue.counts()
 
     def step(self) -> int:
-        """Handle every due instance once; returns how many were due."""
+        """Handle every due instance once; returns how many were due.
+
+        New instances are classified concurrently (so the model server can batch them); decided ones
+        are forwarded in one Orthanc job per destination, and each job is checked once per step.
+        """
         items = self.queue.due(limit=max(8, 4 * self.settings.route_concurrency))
-        if items:
-            self.ensure_destinations()
-            list(self._pool.map(self._handle, items))
+        if not items:
+            return 0
+        self.ensure_destinations()
+        fresh = [i for i in items if i.state == "pending"]
+        list(self._pool.map(lambda item: self._guard([item], partial(self._route, item)), fresh))
+        jobs: dict[str, list[Item]] = {}
+        for item in items:
+            if item.state == "forwarding" and item.job_id is not None:
+                jobs.setdefault(item.job_id, []).append(item)
+        for job_id, group in jobs.items():
+            self._guard(group, partial(self._follow, job_id, group))
+        destinations: dict[str, list[Item]] = {}
+        for item in self.queue.ready_to_forward():
+            destinations.setdefault(str(item.destination), []).append(item)
+        for destination, group in destinations.items():
+            self._guard(group, partial(self._forward, destination, group))
         return len(items)
 
-    def _handle(self, item: Item) -> None:
+    def _guard(self, items: list[Item], action: Callable[[], None]) -> None:
+        """Run ``action`` on ``items``; whatever cannot be done now puts them back with backoff."""
         try:
-            if item.state == "forwarding":
-                self._follow_forward(item)
-            else:
-                self._route(item)
+            action()
         except InstanceGone:
-            self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error="deleted")
-            self.queue.audit(item, "gone", "deleted from Orthanc before it was routed")
+            for item in items:
+                self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error="deleted")
+                self.queue.audit(item, "gone", "deleted from Orthanc before it was routed")
         except (Retry, ModelUnavailable, OrthancUnavailable, UnknownModality) as exc:
+            if isinstance(exc, UnknownModality):
+                self._destinations_checked = 0.0
+            self._retry(items, exc)
+        except Exception as exc:  # a bug must not stop the queue: back off and keep the instances
+            log.exception("%s: unexpected failure; will retry", ", ".join(i.instance_id for i in items))
+            self._retry(items, exc)
+
+    def _retry(self, items: list[Item], exc: Exception) -> None:
+        for item in items:
             delay = self.queue.retry_later(
                 item.instance_id,
                 f"{exc.__class__.__name__}: {exc}",
                 base_s=self.settings.route_retry_base_s,
                 cap_s=self.settings.route_retry_cap_s,
             )
-            if isinstance(exc, UnknownModality):
-                self._destinations_checked = 0.0
-            log.info("%s: retry in %.1f s (%s)", item.instance_id, delay, exc)
-        except Exception as exc:  # a bug must not stop the queue: back off and keep the instance
-            log.exception("%s: unexpected failure; will retry", item.instance_id)
-            self.queue.retry_later(
-                item.instance_id,
-                f"{exc.__class__.__name__}: {exc}",
-                base_s=self.settings.route_retry_base_s,
-                cap_s=self.settings.route_retry_cap_s,
-            )
+        log.info("%d instance(s): retry in %.1f s (%s)", len(items), delay, exc)
 
     # --- one instance ----------------------------------------------------------------------------
     def _route(self, item: Item) -> None:
@@ -210,8 +226,8 @@ class Router:
         if decision.destination is None:
             self.queue.update(item.instance_id, state="done", done_at=time.time())
             self.queue.audit(decided, "kept", "no destination: stays in Orthanc")
-            return
-        self._forward(decided)
+        else:  # forwarded with the others for the same destination at the end of this step
+            self.queue.update(item.instance_id, state="forwarding", job_id=None, next_attempt_at=0.0)
 
     def _classify(self, item: Item, data: bytes, tags: dict[str, str]) -> Item:
         eligible, reason = projection_radiograph(tags)
@@ -253,24 +269,23 @@ class Router:
         for name, value in values.items():
             self.orthanc.set_metadata("instances", item.instance_id, name, value)
 
-    def _forward(self, item: Item) -> None:
-        assert item.destination is not None
-        job_id = self.orthanc.store(item.destination, [item.instance_id])
-        self.queue.update(
-            item.instance_id, state="forwarding", job_id=job_id, next_attempt_at=time.time() + JOB_POLL_S
-        )
+    def _forward(self, destination: str, items: list[Item]) -> None:
+        """One asynchronous C-STORE job for every instance decided for ``destination``."""
+        job_id = self.orthanc.store(destination, [i.instance_id for i in items])
+        for item in items:
+            self.queue.update(item.instance_id, job_id=job_id, next_attempt_at=time.time() + JOB_POLL_S)
 
-    def _follow_forward(self, item: Item) -> None:
-        if item.job_id is None:  # the previous job failed: submit again
-            self._forward(item)
-            return
-        job = self.orthanc.job(item.job_id)
+    def _follow(self, job_id: str, items: list[Item]) -> None:
+        job = self.orthanc.job(job_id)
         if job.state == "Success":
-            self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error=None)
-            self.queue.audit(item, "delivered", f"job {job.id}")
+            for item in items:
+                self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error=None)
+                self.queue.audit(item, "delivered", f"job {job.id}")
         elif job.state in ("Failure", "Unknown"):
-            self.queue.update(item.instance_id, job_id=None)
-            self.queue.audit(item, "forward-failed", job.error)
-            raise Retry(f"forward to {item.destination} failed: {job.error}")
+            for item in items:
+                self.queue.update(item.instance_id, job_id=None)
+                self.queue.audit(item, "forward-failed", job.error)
+            raise Retry(f"forward to {items[0].destination} failed: {job.error}")
         else:
-            self.queue.update(item.instance_id, next_attempt_at=time.time() + JOB_POLL_S)
+            for item in items:
+                self.queue.update(item.instance_id, next_attempt_at=time.time() + JOB_POLL_S)
