@@ -41,9 +41,9 @@ from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
 
 
-def fresh_copy(source: Path, out: Path) -> Path:
+def fresh_copy(source: Path, out: Path, only: str = "*.dcm") -> Path:
     """The same files with new UIDs, so Orthanc stores (and the hook sees) every one again."""
-    for path in sorted(source.rglob("*.dcm")):
+    for path in sorted(source.rglob(only)):
         ds = pydicom.dcmread(path)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID = generate_uid()
@@ -108,9 +108,10 @@ def routed_latency(settings: Settings, source: Path, work: Path) -> None:
     stack.router_up(settings)
     folder = fresh_copy(source, work / "routed")
     n = len(list(folder.rglob("*.dcm")))
+    port = stack.orthanc_status(settings)["dicom_port"]
     dcmsend(
         folder,
-        port=stack.orthanc_status(settings)["dicom_port"],
+        port=port,
         called_aet=settings.orthanc_aet,
         calling_aet=settings.orthanc_calling_aet,
     )
@@ -127,6 +128,19 @@ def routed_latency(settings: Settings, source: Path, work: Path) -> None:
     print(f"\n2. ingest → routed (hook enqueue to confirmed delivery), {n} instances in one dcmsend")
     print(f"   latency p50 {np.percentile(latencies, 50):.2f} s, p99 {np.percentile(latencies, 99):.2f} s")
     print(f"   sustained throughput {n / span:.1f} instances/s ({span:.1f} s for {n})")
+    single = []
+    for i, path in enumerate(sorted(folder.rglob("*.dcm"))[:10]):
+        one = fresh_copy(path.parent, work / f"one{i}", only=path.name)
+        done_before = queue.counts().get("done", 0)
+        start = time.perf_counter()
+        dcmsend(one, port=port, called_aet=settings.orthanc_aet, calling_aet=settings.orthanc_calling_aet)
+        while queue.counts().get("done", 0) <= done_before:
+            time.sleep(0.02)
+        single.append(time.perf_counter() - start)
+    print(
+        f"   one at a time (C-STORE to confirmed delivery, 10 instances): p50 {np.median(single):.2f} s, "
+        f"max {max(single):.2f} s"
+    )
     stack.Process("router", settings).stop()
     stack.Process("destination", settings).stop()
 
@@ -156,6 +170,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--only", choices=("hook", "server", "routed"), help="Run one of the three")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -173,13 +188,18 @@ def main() -> None:
         settings = settings.model_copy(update={"model_uri": str(bundle_dir)})
         os.environ["DICOM_ROUTER_MODEL_URI"] = str(bundle_dir)
         try:
-            hook_overhead(source, work, args.rounds)
+            if args.only in (None, "hook"):
+                hook_overhead(source, work, args.rounds)
+            if args.only == "hook":
+                return
             stack.model_server_up(settings)
             deadline = time.monotonic() + 120
             while not ModelClient(stack.model_server_url(settings)).ready() and time.monotonic() < deadline:
                 time.sleep(0.2)
-            server_vs_inprocess(settings, bundle_dir, source)
-            routed_latency(settings, source, work)
+            if args.only in (None, "server"):
+                server_vs_inprocess(settings, bundle_dir, source)
+            if args.only in (None, "routed"):
+                routed_latency(settings, source, work)
         finally:
             stack.down(settings)
             stack.Process("destination", settings).stop()
