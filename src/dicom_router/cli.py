@@ -551,6 +551,102 @@ def _route_dry_run(
     return EXIT_BAD_INPUT if errors or any(r["error"] for r in records) else EXIT_OK
 
 
+@app.group()
+def pipeline() -> None:
+    """Kubeflow pipelines: compile the IR YAML, or run a pipeline here (--local) or on a cluster."""
+
+
+@pipeline.command("compile")
+@click.argument("name", required=False)
+def pipeline_compile(name: str | None) -> int:
+    """Write pipelines/compiled/NAME.yaml (no NAME: every pipeline)."""
+    from dicom_router.pipeline import PIPELINES, compile_pipelines
+
+    if name is not None and name not in PIPELINES:
+        raise click.UsageError(f"no pipeline {name!r}; known: {', '.join(PIPELINES)}")
+    for path in compile_pipelines([name] if name else None, settings=Settings()):
+        stdout.print(f"wrote {path}", highlight=False)
+    return EXIT_OK
+
+
+@pipeline.command("run")
+@click.argument("name")
+@click.option("--local", "run_here", is_flag=True, help="Run on this machine (kfp.local, embedded stack)")
+@click.option("--host", help="Kubeflow Pipelines endpoint (without --local; default DICOM_ROUTER_KFP_HOST)")
+@click.option("--prefix", help="DICOM objects, s3://bucket/prefix [default: s3://<bucket>/demo/raw]")
+@click.option("--labels", help="labels.csv [default: PREFIX/labels.csv]")
+@click.option("--catalog", help="Also write the merged catalog here (local path or s3://)")
+@click.option("--arch", "archs", multiple=True, help="timm architecture (repeatable)")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--image-size", type=click.IntRange(min=32))
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--seed", type=int)
+@click.option("--objects-per-shard", type=click.IntRange(min=1), help="Ingest fan-out: objects per shard")
+@click.option("--max-shards", type=click.IntRange(min=1), help="Ingest fan-out: at most this many shards")
+@click.option("--gate-margin", type=click.FloatRange(min=0.0), help="Promotion gate's recall margin")
+@click.option(
+    "--cluster", help="Deploy to: in-cluster or a kubeconfig path (default DICOM_ROUTER_K8S_CLUSTER)"
+)
+def pipeline_run(
+    name: str,
+    run_here: bool,
+    host: str | None,
+    prefix: str | None,
+    labels: str | None,
+    catalog: str | None,
+    archs: tuple[str, ...],
+    epochs: int | None,
+    image_size: int | None,
+    batch_size: int | None,
+    seed: int | None,
+    objects_per_shard: int | None,
+    max_shards: int | None,
+    gate_margin: float | None,
+    cluster: str | None,
+) -> int:
+    """Run pipeline NAME; options left out take the pipeline's defaults."""
+    from dicom_router.pipeline import PIPELINES, run_local, submit
+
+    if name not in PIPELINES:
+        raise click.UsageError(f"no pipeline {name!r}; known: {', '.join(PIPELINES)}")
+    settings = Settings()
+    host = host or settings.kfp_host
+    if not run_here and not host:
+        raise click.UsageError("give --local, or --host (or DICOM_ROUTER_KFP_HOST) with a Kubeflow endpoint")
+    given = {
+        "source": prefix or f"s3://{settings.s3_bucket}/demo/raw",
+        "labels_uri": labels,
+        "catalog_uri": catalog,
+        "archs": list(archs) or None,
+        "epochs": epochs,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "seed": seed,
+        "objects_per_shard": objects_per_shard,
+        "max_shards": max_shards,
+        "gate_margin": gate_margin,
+        "cluster": cluster or settings.k8s_cluster,
+    }
+    params = {k: v for k, v in given.items() if v is not None}
+    if not run_here:
+        stdout.print(f"started run {submit(name, params, settings, host=host or '')} on {host}")
+        return EXIT_OK
+    run = run_local(name, params, settings)
+    for task in run.tasks:
+        stdout.print(f"{task.task:40} {task.seconds:8.1f} s", highlight=False)
+    decision = run.decision
+    verdict = "promoted" if decision and decision["promoted"] else "refused"
+    reason = decision["reason"] if decision else "no decision"
+    stdout.print(
+        f"{name}: {run.wall_s:.1f} s; catalog {run.outputs.get('catalog')}; "
+        f"version {run.outputs.get('version')} {verdict} ({reason})"
+        + (f"; manifest {run.manifest}" if run.manifest else "")
+        + f"; artifacts under {run.run_dir}",
+        highlight=False,
+    )
+    return EXIT_OK
+
+
 @app.command()
 def demo() -> int:
     """The main job end to end on the embedded default."""

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     """Namespace of the platform's resources on Kubernetes (InferenceService, jobs)."""
     k8s_image_registry: str = "ghcr.io/dicom-router"
     """Where the project's images (predictor, components, orthanc, worker) are pushed."""
+    k8s_cluster: str | None = None
+    """Where the pipelines' deploy step applies the InferenceService: ``in-cluster`` or a kubeconfig
+    path; empty means a dry run (the manifest is only written as an artifact)."""
+    kfp_host: str | None = None
+    """Kubeflow Pipelines endpoint for ``pipeline run`` without ``--local``."""
 
     @property
     def tracking_uri(self) -> str:

@@ -20,12 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_router import stack, synth
-from dicom_router.candidates import load_labelled, train_candidates
-from dicom_router.catalog import ingest, summary_table
+from dicom_router.catalog import summary_table
 from dicom_router.config import Settings
 from dicom_router.orthanc.config import Peer
 from dicom_router.orthanc.send import dcmsend
-from dicom_router.promotion import promote
+from dicom_router.pipeline import read_ingest_result, run_local
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.serving.client import ModelClient
@@ -39,6 +38,8 @@ DEMO_SITES = 3
 DEMO_LONG_SIDE = 128
 DEMO_TRAINING = TrainConfig(arch="resnet18", epochs=10, image_size=96, batch_size=32)
 """Small enough for a laptop CPU in under a minute; real training sizes are flags of ``train``."""
+DEMO_OBJECTS_PER_SHARD = 101
+"""300 images and labels.csv: ingest fans out over 3 shards."""
 DEMO_ROUTED = 40
 
 
@@ -141,22 +142,36 @@ def run_demo(settings: Settings, console: Console) -> int:
         f"[bold]2/6[/] {len(records)} synthetic X-rays from {DEMO_SITES} sites → {raw} ({uploaded} objects)"
     )
     catalog = f"s3://{settings.s3_bucket}/demo/catalog.parquet"
-    result = ingest(raw, catalog, settings, labels_uri=f"{raw}/labels.csv")
-    console.print("[bold]3/6[/] de-identified catalog")
+    log_file = settings.data_dir / "demo" / "pipeline.log"
+    console.print(f"[bold]3-5/6[/] training pipeline, run locally with kfp.local (task logs: {log_file})")
+    run = run_local(
+        "training",
+        {
+            "source": raw,
+            "catalog_uri": catalog,
+            "archs": [DEMO_TRAINING.arch],
+            "epochs": DEMO_TRAINING.epochs,
+            "image_size": DEMO_TRAINING.image_size,
+            "batch_size": DEMO_TRAINING.batch_size,
+            "objects_per_shard": DEMO_OBJECTS_PER_SHARD,
+        },
+        settings,
+        log_file=log_file,
+    )
+    result = read_ingest_result(catalog, settings)
+    shards = sum(t.task.endswith("/ingest-shard") for t in run.tasks)
+    console.print(f"[bold]3/6[/] de-identified catalog, ingested in {shards} parallel shards")
     console.print(summary_table(result))
-
-    labelled = load_labelled(settings, catalog=catalog)
-    [candidate], _ = train_candidates(settings, labelled, [DEMO_TRAINING], register=True, seed=0)
+    version, decision = run.outputs["version"], run.decision or {}
     console.print(
         f"[bold]4/6[/] trained {DEMO_TRAINING.arch} ({DEMO_TRAINING.image_size} px, "
-        f"{DEMO_TRAINING.epochs} epochs): test macro-F1 {candidate.report['macro_f1']:.3f} → "
-        f"{settings.registered_model} version {candidate.version}"
+        f"{DEMO_TRAINING.epochs} epochs): test macro-F1 {decision['candidate']['macro_f1']:.3f} → "
+        f"{settings.registered_model} version {version}"
     )
-    decision = promote(settings, version=candidate.version)
-    verdict = "promoted to champion" if decision["promoted"] else "refused"
-    console.print(
-        f"[bold]5/6[/] promotion gate: version {candidate.version} {verdict} ({decision['reason']})"
-    )
+    verdict = "promoted to champion" if decision.get("promoted") else "refused"
+    console.print(f"[bold]5/6[/] promotion gate: version {version} {verdict} ({decision.get('reason')})")
+    steps = ", ".join(f"{t.task.rpartition('/')[2]} {t.seconds:.0f}s" for t in run.tasks)
+    console.print(f"      pipeline {run.wall_s:.0f} s: {steps}; artifacts under {run.run_dir}")
 
     unseen = settings.data_dir / "demo" / "unseen"
     synth.synthesize(unseen, DEMO_ROUTED, sites=DEMO_SITES, seed=99, long_side_px=DEMO_LONG_SIDE)

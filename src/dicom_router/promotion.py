@@ -48,8 +48,11 @@ def score(bundle: Bundle, source: str, items: Sequence[dict[str, str]], settings
     return evaluation_report(np.array(truth), np.array(probabilities), LABELS, ms, errors=errors)
 
 
-def promote(settings: Settings, *, version: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Run the gate for ``version`` (default: the newest candidate) and record the decision."""
+def promote(
+    settings: Settings, *, version: str | None = None, force: bool = False, record: bool = True
+) -> dict[str, Any]:
+    """Run the gate for ``version`` (default: the newest candidate) and record the decision
+    (``record=False``: only say what the gate would decide, e.g. for a pipeline's condition)."""
     name = settings.registered_model
     candidate = (
         newest_candidate(settings)
@@ -80,7 +83,8 @@ def promote(settings: Settings, *, version: str | None = None, force: bool = Fal
     if force and not promoted:
         promoted, reason = True, f"forced by an operator (the gate said: {reason})"
     decision = decision_document(promoted, candidate_scores, champion_scores, reason, forced=force)
-    record_decision(settings, str(candidate.version), decision, promoted)
+    if record:
+        record_decision(settings, str(candidate.version), decision, promoted)
     return decision
 
 

@@ -417,8 +417,9 @@ def router_up(settings: Settings) -> int:
 
 # --- the whole stack ------------------------------------------------------------------------------
 
-SERVICES = ("router", "orthanc", "model_server", "mlflow", "s3")
-"""Stop order: consumers first, so nothing is mid-request when its server goes."""
+SERVICES = ("router", "orthanc", "pacs", "model_server", "mlflow", "s3")
+"""Stop order: consumers first, so nothing is mid-request when its server goes (``pacs``: the demo's
+destination Orthanc)."""
 
 
 def up(settings: Settings) -> dict[str, Any]:

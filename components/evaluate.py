@@ -1,0 +1,27 @@
+# mypy: disable-error-code="import-untyped"
+"""Evaluate component: every candidate on the same test split, the best one out (calls the library)."""
+
+# No `from __future__ import annotations`: KFP reads these annotations (see components/ingest.py).
+
+from kfp.dsl import ClassificationMetrics, Input, Metrics, Model, Output
+
+
+def evaluate(
+    models: Input[list[Model]],
+    mlflow_tracking_uri: str,
+    best: Output[Model],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+) -> str:
+    """Re-score the candidates through the serving path; the best by macro-F1 is ``best``; its arch."""
+    from dicom_router import LABELS, pipeline
+
+    evaluation = pipeline.evaluate_candidates(
+        [m.path for m in models], best.path, pipeline.step_settings(mlflow_tracking_uri=mlflow_tracking_uri)
+    )
+    chosen = evaluation.candidates[evaluation.best]
+    best.metadata.update({"arch": chosen["arch"], "run_id": chosen["run_id"]})
+    for name, value in pipeline.metrics_of(evaluation.report).items():
+        metrics.log_metric(name, value)
+    confusion.log_confusion_matrix(list(LABELS), evaluation.report["confusion_matrix"])
+    return str(chosen["arch"])

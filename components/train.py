@@ -1,0 +1,46 @@
+# mypy: disable-error-code="import-untyped"
+"""Preprocess and train components (calls into the library)."""
+
+# No `from __future__ import annotations`: KFP reads these annotations (see components/ingest.py).
+
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+
+def preprocess(catalog: Input[Dataset], image_size: int, cache: Output[Dataset]) -> None:
+    """Decode every labelled image once into the shared cache (the manifest says where)."""
+    from dicom_router import pipeline
+
+    pipeline.preprocess(catalog.path, cache.path, pipeline.step_settings(), image_size=image_size)
+
+
+def train(
+    catalog: Input[Dataset],
+    cache: Input[Dataset],
+    arch: str,
+    epochs: int,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    mlflow_tracking_uri: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+) -> None:
+    """Train one architecture (one MLflow run); its bundle is the model artifact."""
+    from dicom_router import LABELS, pipeline
+
+    summary = pipeline.train_one(
+        catalog.path,
+        cache.path,
+        model.path,
+        pipeline.step_settings(mlflow_tracking_uri=mlflow_tracking_uri),
+        arch=arch,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    model.metadata.update({"arch": arch, "run_id": summary["run_id"]})
+    for name, value in pipeline.metrics_of(summary["report"]).items():
+        metrics.log_metric(name, value)
+    confusion.log_confusion_matrix(list(LABELS), summary["report"]["confusion_matrix"])

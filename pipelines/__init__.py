@@ -1,0 +1,1 @@
+"""Kubeflow pipelines over the ``components/`` of this repository; compiled IR YAML in ``compiled/``."""

@@ -1,0 +1,176 @@
+# mypy: disable-error-code="import-untyped"
+"""The training pipeline: ingest (fanned out over shards of the bucket prefix) → preprocess → train
+candidates in parallel on GPU nodes → evaluate → register → gate; promote and deploy only if it passes.
+
+``build(base_image, resources)`` returns the ``@dsl.pipeline``; ``dicom-router pipeline compile``
+writes it to ``compiled/training.yaml`` and ``dicom-router pipeline run training --local`` runs it here.
+"""
+
+from typing import Any, NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset
+
+from dicom_router.pipeline import CONFIG_KEYS, CONFIG_MAP, DEID_SECRET, S3_SECRET, Resources
+
+NAME = "dicom-router-training"
+
+
+class TrainingOutputs(NamedTuple):
+    catalog: Dataset
+    version: str
+
+
+def _pod(task: Any, *, cpu: str, memory: str) -> Any:
+    """Every task: the deployment's S3 credentials and configuration as ``DICOM_ROUTER_*`` variables,
+    requests, and no caching (every step reads or changes live state: the bucket, MLflow, the cluster)."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=S3_SECRET,
+        secret_key_to_env={
+            "access_key_id": "DICOM_ROUTER_S3_ACCESS_KEY_ID",
+            "secret_access_key": "DICOM_ROUTER_S3_SECRET_ACCESS_KEY",
+        },
+        optional=True,
+    )
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=CONFIG_MAP,
+        config_map_key_to_env={key: f"DICOM_ROUTER_{key.upper()}" for key in CONFIG_KEYS},
+        optional=True,
+    )
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_caching_options(False)
+    return task
+
+
+def build(base_image: str, resources: Resources) -> Any:
+    """The pipeline, its components on ``base_image``."""
+    from components import make  # (here, not at the top: the import sorts the same however ruff ranks it)
+
+    c = make(base_image)
+
+    def training(
+        source: str,
+        labels_uri: str = "",
+        catalog_uri: str = "",
+        archs: list[str] = ["mobilenetv2_100", "resnet18", "efficientnet_b0"],  # noqa: B006 (KFP default)
+        epochs: int = 30,
+        image_size: int = 256,
+        batch_size: int = 32,
+        seed: int = 0,
+        objects_per_shard: int = 2000,
+        max_shards: int = 16,
+        mlflow_tracking_uri: str = "",
+        gate_margin: float = 0.02,
+        cluster: str = "",
+    ) -> TrainingOutputs:
+        """Ingest → preprocess → train candidates in parallel (GPU) → evaluate → register → gate →
+        promote and deploy the new champion only when the gate passes.
+
+        Args:
+            source: DICOM objects, ``s3://bucket/prefix``.
+            labels_uri: ``labels.csv`` (file,label[,...]); empty means ``<source>/labels.csv``.
+            catalog_uri: also write the merged catalog (+ ``.qa.json``) here; empty: only the artifact.
+            archs: timm architectures to train, one GPU task each.
+            epochs: training epochs per candidate.
+            image_size: input size in pixels.
+            batch_size: training batch size.
+            seed: split, sampling and weight seed (one split shared by all candidates).
+            objects_per_shard: ingest fan-out: one shard per this many objects.
+            max_shards: ingest fan-out: at most this many shards.
+            mlflow_tracking_uri: MLflow tracking server; empty means the deployment's.
+            gate_margin: promotion gate: the most any class's recall may drop.
+            cluster: deploy target: ``in-cluster`` or a kubeconfig path; empty means a dry run.
+        """
+        plan = _pod(
+            c.plan_shards(source=source, objects_per_shard=objects_per_shard, max_shards=max_shards),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        with dsl.ParallelFor(plan.output, name="ingest-shards") as shard:
+            part = _pod(
+                c.ingest_shard(source=source, labels_uri=labels_uri, index=shard.index, count=shard.count),
+                cpu=resources.cpu,
+                memory=resources.memory,
+            )
+            kubernetes.use_secret_as_env(
+                part, secret_name=DEID_SECRET, secret_key_to_env={"deid_key": "DICOM_ROUTER_DEID_KEY"}
+            )
+        merged = _pod(
+            c.merge_catalog(parts=dsl.Collected(part.outputs["part"]), catalog_uri=catalog_uri),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        catalog = merged.outputs["catalog"]
+        cache = _pod(
+            c.preprocess(catalog=catalog, image_size=image_size),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        with dsl.ParallelFor(archs, name="candidates") as arch:
+            train = _pod(
+                c.train(
+                    catalog=catalog,
+                    cache=cache.outputs["cache"],
+                    arch=arch,
+                    epochs=epochs,
+                    image_size=image_size,
+                    batch_size=batch_size,
+                    seed=seed,
+                    mlflow_tracking_uri=mlflow_tracking_uri,
+                ),
+                cpu=resources.train_cpu,
+                memory=resources.train_memory,
+            )
+            train.set_accelerator_type(resources.gpu_type).set_accelerator_limit(resources.gpu_limit)
+            kubernetes.add_node_selector(train, *resources.gpu_node_selector)
+            kubernetes.add_toleration(
+                train, key=resources.gpu_toleration, operator="Exists", effect="NoSchedule"
+            )
+        evaluated = _pod(
+            c.evaluate(models=dsl.Collected(train.outputs["model"]), mlflow_tracking_uri=mlflow_tracking_uri),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        registered = _pod(
+            c.register(model=evaluated.outputs["best"], mlflow_tracking_uri=mlflow_tracking_uri),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        version = registered.output
+        verdict = _pod(
+            c.gate(version=version, mlflow_tracking_uri=mlflow_tracking_uri, gate_margin=gate_margin),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        with dsl.If(verdict.output == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
+            promoted = _pod(
+                c.promote(
+                    version=version,
+                    expect_promoted=True,
+                    mlflow_tracking_uri=mlflow_tracking_uri,
+                    gate_margin=gate_margin,
+                ),
+                cpu=resources.cpu,
+                memory=resources.memory,
+            )
+            _pod(
+                c.deploy(version=version, cluster=cluster, mlflow_tracking_uri=mlflow_tracking_uri),
+                cpu=resources.cpu,
+                memory=resources.memory,
+            ).after(promoted)
+        with dsl.Else(name="gate-refused"):
+            _pod(
+                c.promote(
+                    version=version,
+                    expect_promoted=False,
+                    mlflow_tracking_uri=mlflow_tracking_uri,
+                    gate_margin=gate_margin,
+                ),
+                cpu=resources.cpu,
+                memory=resources.memory,
+            ).set_display_name("record-refusal")
+        return TrainingOutputs(catalog=catalog, version=version)
+
+    return dsl.pipeline(name=NAME)(training)
