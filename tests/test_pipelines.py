@@ -4,6 +4,7 @@ end on this machine with ``kfp.local`` against a real S3 and MLflow on SQLite.""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -211,6 +212,7 @@ def test_local_training_pipeline_catalogs_trains_registers_promotes_and_writes_t
     assert isinstance(store, S3Store)
     store.ensure_bucket()
     upload_folder(tmp_path / "synth", store)
+    root_logging = (logging.root.level, list(logging.root.handlers))
 
     run = run_local(
         "training",
@@ -226,6 +228,7 @@ def test_local_training_pipeline_catalogs_trains_registers_promotes_and_writes_t
         settings,
         log_file=tmp_path / "kfp.log",
     )
+    assert (logging.root.level, logging.root.handlers) == root_logging  # nothing left pointing at the log
 
     assert "Pipeline 'dicom-router-training' finished with status SUCCESS" in _plain(
         (tmp_path / "kfp.log").read_text()

@@ -612,6 +612,11 @@ class LocalRun:
         return folder / MANIFEST_FILE if folder else None
 
 
+def _restore_root_logger(level: int, handlers: list[logging.Handler]) -> None:
+    logging.root.setLevel(level)
+    logging.root.handlers[:] = handlers
+
+
 def run_local(
     name: str, params: Mapping[str, Any], settings: Settings, *, log_file: Path | None = None
 ) -> LocalRun:
@@ -645,6 +650,8 @@ def run_local(
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             stack_.enter_context(contextlib.redirect_stdout(stack_.enter_context(log_file.open("a"))))
+        # kfp.local points the root logger at (the redirected) stdout and sets INFO: put it back after.
+        stack_.callback(_restore_root_logger, logging.root.level, list(logging.root.handlers))
         # Requests, GPUs and node selectors are for the cluster, and the components' image holds this very
         # library: kfp.local warns about both once per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
