@@ -13,7 +13,7 @@ from typing import Any
 
 from kfp import dsl
 
-from components import evaluate, ingest, registry, train
+from components import evaluate, ingest, monitoring, registry, train
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class Components:
     gate: Any
     promote: Any
     deploy: Any
+    profile: Any
+    drift: Any
 
 
 def _component(func: Callable[..., Any], base_image: str) -> Any:
@@ -49,4 +51,6 @@ def make(base_image: str) -> Components:
         gate=_component(registry.gate, base_image),
         promote=_component(registry.promote, base_image),
         deploy=_component(registry.deploy, base_image),
+        profile=_component(monitoring.profile, base_image),
+        drift=_component(monitoring.drift, base_image),
     )

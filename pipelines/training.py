@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
-from dicom_router.pipeline import CONFIG_KEYS, CONFIG_MAP, DEID_SECRET, S3_SECRET, Resources
+from dicom_router.pipeline import DEID_SECRET, Resources
+from pipelines.pods import pod
 
 NAME = "dicom-router-training"
 
@@ -19,29 +20,6 @@ NAME = "dicom-router-training"
 class TrainingOutputs(NamedTuple):
     catalog: Dataset
     version: str
-
-
-def _pod(task: Any, *, cpu: str, memory: str) -> Any:
-    """Every task: the deployment's S3 credentials and configuration as ``DICOM_ROUTER_*`` variables,
-    requests, and no caching (every step reads or changes live state: the bucket, MLflow, the cluster)."""
-    kubernetes.use_secret_as_env(
-        task,
-        secret_name=S3_SECRET,
-        secret_key_to_env={
-            "access_key_id": "DICOM_ROUTER_S3_ACCESS_KEY_ID",
-            "secret_access_key": "DICOM_ROUTER_S3_SECRET_ACCESS_KEY",
-        },
-        optional=True,
-    )
-    kubernetes.use_config_map_as_env(
-        task,
-        config_map_name=CONFIG_MAP,
-        config_map_key_to_env={key: f"DICOM_ROUTER_{key.upper()}" for key in CONFIG_KEYS},
-        optional=True,
-    )
-    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
-    task.set_caching_options(False)
-    return task
 
 
 def build(base_image: str, resources: Resources) -> Any:
@@ -83,13 +61,13 @@ def build(base_image: str, resources: Resources) -> Any:
             gate_margin: promotion gate: the most any class's recall may drop.
             cluster: deploy target: ``in-cluster`` or a kubeconfig path; empty means a dry run.
         """
-        plan = _pod(
+        plan = pod(
             c.plan_shards(source=source, objects_per_shard=objects_per_shard, max_shards=max_shards),
             cpu=resources.cpu,
             memory=resources.memory,
         )
         with dsl.ParallelFor(plan.output, name="ingest-shards") as shard:
-            part = _pod(
+            part = pod(
                 c.ingest_shard(source=source, labels_uri=labels_uri, index=shard.index, count=shard.count),
                 cpu=resources.cpu,
                 memory=resources.memory,
@@ -97,19 +75,19 @@ def build(base_image: str, resources: Resources) -> Any:
             kubernetes.use_secret_as_env(
                 part, secret_name=DEID_SECRET, secret_key_to_env={"deid_key": "DICOM_ROUTER_DEID_KEY"}
             )
-        merged = _pod(
+        merged = pod(
             c.merge_catalog(parts=dsl.Collected(part.outputs["part"]), catalog_uri=catalog_uri),
             cpu=resources.cpu,
             memory=resources.memory,
         )
         catalog = merged.outputs["catalog"]
-        cache = _pod(
+        cache = pod(
             c.preprocess(catalog=catalog, image_size=image_size),
             cpu=resources.cpu,
             memory=resources.memory,
         )
         with dsl.ParallelFor(archs, name="candidates") as arch:
-            train = _pod(
+            train = pod(
                 c.train(
                     catalog=catalog,
                     cache=cache.outputs["cache"],
@@ -128,24 +106,29 @@ def build(base_image: str, resources: Resources) -> Any:
             kubernetes.add_toleration(
                 train, key=resources.gpu_toleration, operator="Exists", effect="NoSchedule"
             )
-        evaluated = _pod(
+        evaluated = pod(
             c.evaluate(models=dsl.Collected(train.outputs["model"]), mlflow_tracking_uri=mlflow_tracking_uri),
             cpu=resources.cpu,
             memory=resources.memory,
         )
-        registered = _pod(
+        registered = pod(
             c.register(model=evaluated.outputs["best"], mlflow_tracking_uri=mlflow_tracking_uri),
             cpu=resources.cpu,
             memory=resources.memory,
         )
         version = registered.output
-        verdict = _pod(
+        pod(  # the new version's drift reference, stored with it in MLflow
+            c.profile(version=version, catalog=catalog, mlflow_tracking_uri=mlflow_tracking_uri),
+            cpu=resources.cpu,
+            memory=resources.memory,
+        )
+        verdict = pod(
             c.gate(version=version, mlflow_tracking_uri=mlflow_tracking_uri, gate_margin=gate_margin),
             cpu=resources.cpu,
             memory=resources.memory,
         )
         with dsl.If(verdict.output == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
-            promoted = _pod(
+            promoted = pod(
                 c.promote(
                     version=version,
                     expect_promoted=True,
@@ -155,13 +138,13 @@ def build(base_image: str, resources: Resources) -> Any:
                 cpu=resources.cpu,
                 memory=resources.memory,
             )
-            _pod(
+            pod(
                 c.deploy(version=version, cluster=cluster, mlflow_tracking_uri=mlflow_tracking_uri),
                 cpu=resources.cpu,
                 memory=resources.memory,
             ).after(promoted)
         with dsl.Else(name="gate-refused"):
-            _pod(
+            pod(
                 c.promote(
                     version=version,
                     expect_promoted=False,

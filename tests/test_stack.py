@@ -47,6 +47,7 @@ def test_stack_up_status_down_round_trip_keeps_data_and_credentials(stack_settin
         and state["orthanc"]["calling_aet"] == settings.orthanc_calling_aet
     )
     assert state["model_server"]["running"] is True and state["router"]["running"] is True
+    assert state["evidently"]["running"] is True and state["drift"]["running"] is True
     server_pid = int((settings.stack_dir / "model_server.pid").read_text())
     assert _listening_addresses(server_pid) == {"127.0.0.1"}
     orthanc_config = json.loads((settings.stack_dir / "orthanc" / "orthanc.json").read_text())

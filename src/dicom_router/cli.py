@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -549,6 +551,82 @@ def _route_dry_run(
                     break
                 stdout.print(f"    {step['rule']}: no ({step['why_not']})", highlight=False)
     return EXIT_BAD_INPUT if errors or any(r["error"] for r in records) else EXIT_OK
+
+
+@app.command()
+@click.option(
+    "--reference", required=True, help="models:/NAME@ALIAS or /VERSION, a catalog/reference Parquet, a log"
+)
+@click.option(
+    "--current", help="Inference-log prefix or Parquet (local or s3://) [default: the router's log]"
+)
+@click.option(
+    "--by", "by", multiple=True, help="Group column (repeatable); default --by site_id --by scanner_id"
+)
+@click.option("--window", help="Only CURRENT records newer than this (30m, 24h, 7d)")
+@click.option("--rules", "rules_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--webhook", help="POST the JSON document here when an alert fires")
+@click.option(
+    "--report", "report_uri", help="HTML report path or s3:// URI (default DATA_DIR/drift/<time>.html)"
+)
+@click.option("--reference-catalog", help="Build a missing models:/ reference from this training catalog")
+@click.option("--no-dashboard", is_flag=True, help="Write no Evidently snapshots")
+@click.option("--every", help="Repeat every interval (1h) until stopped: the embedded schedule")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
+def drift(
+    reference: str,
+    current: str | None,
+    by: tuple[str, ...],
+    window: str | None,
+    rules_file: Path | None,
+    webhook: str | None,
+    report_uri: str | None,
+    reference_catalog: str | None,
+    no_dashboard: bool,
+    every: str | None,
+    as_json: bool,
+) -> int:
+    """Evidently drift of CURRENT vs REFERENCE, overall and per site and scanner; exit 3 on an alert."""
+    from dicom_router.monitoring.drift import AlertRules, DriftInputError, exit_code
+    from dicom_router.monitoring.job import DriftJob, by_columns, drift_job, parse_window, repeat
+
+    settings = Settings()
+    try:
+        rules_path = rules_file or settings.drift_rules
+        rules = AlertRules.from_yaml(rules_path) if rules_path else AlertRules()
+        recent = parse_window(window) if window else None
+        interval = parse_window(every) if every else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    job = DriftJob(
+        reference=reference,
+        current=current or settings.inference_log,
+        by=by_columns(by),
+        rules=rules,
+        window=recent,
+        webhook=webhook or settings.drift_webhook_url,
+        workspace=None if no_dashboard else settings.evidently_dir,
+        deployment=settings.deployment,
+        report_uri=report_uri,
+        reference_catalog=reference_catalog,
+    )
+    if interval is not None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        repeat(lambda: drift_job(settings, job), interval, stop)
+        return EXIT_OK
+    try:
+        result = drift_job(settings, job)
+    except DriftInputError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        _emit_json(result.document())
+    else:
+        for g in result.groups:
+            stdout.print(f"{'ALERT' if g.alert else 'ok':5} {g.name}: {g.reason}", highlight=False)
+        stdout.print(f"report: {result.report_html}", highlight=False)
+    return exit_code(result)
 
 
 @app.group()

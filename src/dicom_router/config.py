@@ -106,6 +106,27 @@ class Settings(BaseSettings):
     route_retry_cap_s: float = 60.0
     """Backoff when the model server, Orthanc or a destination is down: base·2^attempts, capped."""
 
+    inference_log_uri: str | None = None
+    """Where the router logs one de-identified record per classified instance (Parquet parts, local or
+    s3://); default ``s3://<bucket>/inference-log``."""
+    inference_log_flush_s: float = 30.0
+    """The router writes its inference-log records at least this often (and every 256 records)."""
+    evidently_workspace: Path | None = None
+    """The Evidently workspace drift runs write snapshots to and the UI serves; default
+    ``data_dir/evidently``."""
+    evidently_port: int = 0
+    """Port of the embedded Evidently UI; 0 picks a free one at first start and keeps it."""
+    drift_rules: Path | None = None
+    """Drift alert rules YAML (thresholds, minimum samples per group); empty means the defaults."""
+    drift_webhook_url: str | None = None
+    """Where a drift alert is POSTed (the ``drift --json`` document)."""
+    drift_window: str = "24h"
+    """Scheduled drift runs compare the reference with this much recent traffic."""
+    drift_every: str = "1h"
+    """How often the embedded stack's scheduled drift run repeats."""
+    deployment: str = "default"
+    """Names this deployment's project in the Evidently UI."""
+
     k8s_namespace: str = "dicom-router"
     """Namespace of the platform's resources on Kubernetes (InferenceService, jobs)."""
     k8s_image_registry: str = "ghcr.io/dicom-router"
@@ -128,6 +149,14 @@ class Settings(BaseSettings):
     def secrets_dir(self) -> Path:
         """Generated credentials and keys (mode 0700); back it up with the deployment."""
         return self.data_dir / "secrets"
+
+    @property
+    def inference_log(self) -> str:
+        return self.inference_log_uri or f"s3://{self.s3_bucket}/inference-log"
+
+    @property
+    def evidently_dir(self) -> Path:
+        return self.evidently_workspace or self.data_dir / "evidently"
 
     @property
     def routing_dir(self) -> Path:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -41,6 +42,10 @@ DEMO_TRAINING = TrainConfig(arch="resnet18", epochs=10, image_size=96, batch_siz
 DEMO_OBJECTS_PER_SHARD = 101
 """300 images and labels.csv: ingest fans out over 3 shards."""
 DEMO_ROUTED = 40
+DEMO_WEEK = 120
+DEMO_NEW_SITE = 30
+NEW_SITE = "site-new"
+"""Week two: more traffic from the known sites, and a hospital with equipment the model never saw."""
 
 
 def upload_folder(folder: Path, store: Store, threads: int = 8) -> int:
@@ -105,7 +110,7 @@ def route_and_show(settings: Settings, console: Console, sources: list[tuple[str
         source, truth = expected.get(uid, ("?", "?"))
         outcome[(source, meta.get("BodyPart", "-"), meta["RoutedTo"])] += 1
         right[source] += int(meta.get("BodyPart") == truth)
-    table = Table(title=f"6/6 routed {len(expected)} instances sent with dcmsend in {elapsed:.1f} s")
+    table = Table(title=f"6/7 routed {len(expected)} instances sent with dcmsend in {elapsed:.1f} s")
     for column in ("source", "BodyPart", "RoutedTo", "instances"):
         table.add_column(column)
     for (source, body_part, routed_to), n in sorted(outcome.items()):
@@ -115,6 +120,65 @@ def route_and_show(settings: Settings, console: Console, sources: list[tuple[str
         total = sum(n for (source, _, _), n in outcome.items() if source == name)
         console.print(f"{name}: BodyPart matches the label for {right[name]} of {total}")
     console.print(f"Orthanc: {orthanc['url']} · audit: `dicom-router route --history` · PACS: {pacs['url']}")
+
+
+def new_hospital(settings: Settings, console: Console, catalog: str) -> None:
+    """Fresh traffic from the known sites plus a hospital never seen in training; drift per site."""
+    from dicom_router.monitoring.drift import AlertRules
+    from dicom_router.monitoring.inference_log import read_inference_log
+    from dicom_router.monitoring.job import DriftJob, drift_job
+
+    started = datetime.now(UTC)
+    seed = int(started.timestamp())  # new instances on every run, so a second demo has traffic too
+    traffic = settings.data_dir / "demo" / f"week2-{seed}"
+    known = synth.synthesize(
+        traffic / "known", DEMO_WEEK, sites=DEMO_SITES, seed=seed, long_side_px=DEMO_LONG_SIDE
+    )
+    new = synth.synthesize(
+        traffic / "new", DEMO_NEW_SITE, site_profile=NEW_SITE, seed=seed + 1, long_side_px=DEMO_LONG_SIDE
+    )
+    orthanc = stack.orthanc_status(settings)
+    for folder in (traffic / "known", traffic / "new"):
+        dcmsend(
+            folder,
+            port=orthanc["dicom_port"],
+            called_aet=orthanc["aet"],
+            calling_aet=settings.orthanc_calling_aet,
+        )
+    expected = len(known) + len(new)
+    wait(
+        lambda: len(read_inference_log(settings.inference_log, settings, since=started)) >= expected,
+        300,
+        "the router to log the new traffic",
+    )
+    ui = stack.evidently_up(settings)
+    job = DriftJob(
+        reference=f"models:/{settings.registered_model}@champion",
+        current=settings.inference_log,
+        rules=AlertRules(),
+        window=datetime.now(UTC) - started,
+        workspace=settings.evidently_dir,
+        deployment=settings.deployment,
+        reference_catalog=catalog,  # only used if the pipeline's profile step did not store it
+    )
+    result = drift_job(settings, job)
+    table = Table(title=f"7/7 drift of {expected} new instances vs the champion's reference (Evidently)")
+    for column in ("group", "reference", "current", "new source", "drift share", "alert"):
+        table.add_column(column)
+    for group in result.groups:
+        table.add_row(
+            group.name,
+            str(group.n_reference),
+            str(group.n_current),
+            "yes" if group.new_source else "",
+            f"{group.drift_share:.2f}" if group.evaluated else "-",
+            "[bold red]ALERT[/]" if group.alert else "ok",
+        )
+    console.print(table)
+    console.print(
+        f"{len(known)} images from the {DEMO_SITES} known sites, {len(new)} from a new hospital "
+        f"({NEW_SITE}: different equipment) · report {result.report_html} · Evidently UI {ui}"
+    )
 
 
 def wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -128,7 +192,7 @@ def wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
 def run_demo(settings: Settings, console: Console) -> int:
     endpoint = stack.s3_up(settings)
     mlflow_url = stack.mlflow_up(settings)
-    console.print(f"[bold]1/6[/] local S3 (rclone) at {endpoint}; MLflow UI at {mlflow_url}")
+    console.print(f"[bold]1/7[/] local S3 (rclone) at {endpoint}; MLflow UI at {mlflow_url}")
     local = settings.data_dir / "demo" / "synth"
     records = synth.synthesize(
         local, DEMO_IMAGES, sites=DEMO_SITES, seed=7, long_side_px=DEMO_LONG_SIDE, progress=True
@@ -139,11 +203,11 @@ def run_demo(settings: Settings, console: Console) -> int:
         store.ensure_bucket()
     uploaded = upload_folder(local, store)
     console.print(
-        f"[bold]2/6[/] {len(records)} synthetic X-rays from {DEMO_SITES} sites → {raw} ({uploaded} objects)"
+        f"[bold]2/7[/] {len(records)} synthetic X-rays from {DEMO_SITES} sites → {raw} ({uploaded} objects)"
     )
     catalog = f"s3://{settings.s3_bucket}/demo/catalog.parquet"
     log_file = settings.data_dir / "demo" / "pipeline.log"
-    console.print(f"[bold]3-5/6[/] training pipeline, run locally with kfp.local (task logs: {log_file})")
+    console.print(f"[bold]3-5/7[/] training pipeline, run locally with kfp.local (task logs: {log_file})")
     run = run_local(
         "training",
         {
@@ -160,16 +224,16 @@ def run_demo(settings: Settings, console: Console) -> int:
     )
     result = read_ingest_result(catalog, settings)
     shards = sum(t.task.endswith("/ingest-shard") for t in run.tasks)
-    console.print(f"[bold]3/6[/] de-identified catalog, ingested in {shards} parallel shards")
+    console.print(f"[bold]3/7[/] de-identified catalog, ingested in {shards} parallel shards")
     console.print(summary_table(result))
     version, decision = run.outputs["version"], run.decision or {}
     console.print(
-        f"[bold]4/6[/] trained {DEMO_TRAINING.arch} ({DEMO_TRAINING.image_size} px, "
+        f"[bold]4/7[/] trained {DEMO_TRAINING.arch} ({DEMO_TRAINING.image_size} px, "
         f"{DEMO_TRAINING.epochs} epochs): test macro-F1 {decision['candidate']['macro_f1']:.3f} → "
         f"{settings.registered_model} version {version}"
     )
     verdict = "promoted to champion" if decision.get("promoted") else "refused"
-    console.print(f"[bold]5/6[/] promotion gate: version {version} {verdict} ({decision.get('reason')})")
+    console.print(f"[bold]5/7[/] promotion gate: version {version} {verdict} ({decision.get('reason')})")
     steps = ", ".join(f"{t.task.rpartition('/')[2]} {t.seconds:.0f}s" for t in run.tasks)
     console.print(f"      pipeline {run.wall_s:.0f} s: {steps}; artifacts under {run.run_dir}")
 
@@ -179,6 +243,7 @@ def run_demo(settings: Settings, console: Console) -> int:
     if (settings.shared_dir / "xray-real" / "labels.csv").is_file():
         sources.append(("real radiographs", settings.shared_dir / "xray-real"))
     route_and_show(settings, console, sources)
+    new_hospital(settings, console, catalog)
     console.print(
         f"MLflow UI: {mlflow_url} · the stack keeps running; stop it with `dicom-router stack down`."
     )

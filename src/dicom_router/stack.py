@@ -410,6 +410,54 @@ def router_up(settings: Settings) -> int:
     argv = [_tool("dicom-router"), "route"]
     if settings.route_rules:
         argv += ["--rules", str(settings.route_rules)]
+    env = {
+        "DICOM_ROUTER_DATA_DIR": str(settings.data_dir),
+        "DICOM_ROUTER_INFERENCE_LOG_FLUSH_S": str(settings.inference_log_flush_s),
+    }
+    return proc.start(argv, lambda: proc.pid() is not None, env=env)
+
+
+# --- monitoring: the Evidently UI and the scheduled drift run -------------------------------------
+
+
+def evidently_up(settings: Settings) -> str:
+    """The Evidently UI over the deployment's workspace (drift runs write snapshots there)."""
+    from dicom_router.monitoring.dashboard import UI_ENV, UI_READY_PATH, evidently_ui_argv
+
+    proc = Process("evidently", settings)
+    port = settings.evidently_port or proc.state().get("port") or free_port()
+    url = f"http://{HOST}:{port}"
+    settings.evidently_dir.mkdir(parents=True, exist_ok=True)
+    proc.save_state({"url": url, "port": port, "workspace": str(settings.evidently_dir)})
+    proc.start(
+        evidently_ui_argv(settings.evidently_dir, port), lambda: _http_ok(url + UI_READY_PATH), env=UI_ENV
+    )
+    return url
+
+
+def evidently_status(settings: Settings) -> dict[str, Any]:
+    from dicom_router.monitoring.dashboard import UI_READY_PATH
+
+    url = Process("evidently", settings).state().get("url")
+    running = (
+        bool(url) and Process("evidently", settings).pid() is not None and _http_ok(f"{url}{UI_READY_PATH}")
+    )
+    return {"url": url, "running": running}
+
+
+def drift_schedule_up(settings: Settings) -> int:
+    """``dicom-router drift --every`` against the champion's reference: the embedded stack's schedule."""
+    proc = Process("drift", settings)
+    argv = [
+        _tool("dicom-router"),
+        "drift",
+        "--reference",
+        f"models:/{settings.registered_model}@champion",
+        "--window",
+        settings.drift_window,
+        "--every",
+        settings.drift_every,
+    ]
     return proc.start(
         argv, lambda: proc.pid() is not None, env={"DICOM_ROUTER_DATA_DIR": str(settings.data_dir)}
     )
@@ -417,7 +465,7 @@ def router_up(settings: Settings) -> int:
 
 # --- the whole stack ------------------------------------------------------------------------------
 
-SERVICES = ("router", "orthanc", "pacs", "model_server", "mlflow", "s3")
+SERVICES = ("drift", "router", "orthanc", "pacs", "model_server", "evidently", "mlflow", "s3")
 """Stop order: consumers first, so nothing is mid-request when its server goes (``pacs``: the demo's
 destination Orthanc)."""
 
@@ -428,6 +476,8 @@ def up(settings: Settings) -> dict[str, Any]:
     model_server_up(settings)
     orthanc_up(settings)
     router_up(settings)
+    evidently_up(settings)
+    drift_schedule_up(settings)
     return status(settings)
 
 
@@ -438,7 +488,7 @@ def down(settings: Settings) -> dict[str, Any]:
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    """The contract's ``stack status`` shape; services later stages add report ``running: false``."""
+    """The contract's ``stack status`` shape, plus the router and the drift schedule."""
     s3_state = Process("s3", settings).state()
     return {
         "s3": {"endpoint": s3_state.get("endpoint"), "running": s3_running(settings)},
@@ -446,5 +496,6 @@ def status(settings: Settings) -> dict[str, Any]:
         "model_server": model_server_status(settings),
         "orthanc": orthanc_status(settings),
         "router": {"running": Process("router", settings).pid() is not None},
-        "evidently": {"url": None, "running": False},
+        "evidently": evidently_status(settings),
+        "drift": {"running": Process("drift", settings).pid() is not None, "every": settings.drift_every},
     }

@@ -4,31 +4,49 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dicom_router import stack
 from dicom_router.config import Settings
+from dicom_router.monitoring.inference_log import InferenceLog, InstanceLogger
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules
 from dicom_router.routing.worker import Router
 from dicom_router.serving.client import ModelClient
 
 
-def router(settings: Settings, rules: RoutingRules) -> Router:
+def router(settings: Settings, rules: RoutingRules, logger: InstanceLogger) -> Router:
     return Router(
         settings=settings,
         rules=rules,
         orthanc=stack.orthanc_client(settings),
         model=ModelClient(stack.model_server_url(settings)),
         queue=RoutingQueue(settings.routing_queue),
+        on_classified=logger,
     )
 
 
+@contextmanager
+def inference_logger(settings: Settings) -> Iterator[InstanceLogger]:
+    """Every model answer goes to the inference log (drift monitoring); the last batch is written on exit."""
+    logger = InstanceLogger(
+        InferenceLog(settings.inference_log, settings, flush_after_s=settings.inference_log_flush_s), settings
+    )
+    try:
+        yield logger
+    finally:
+        logger.close()
+
+
 def drain(settings: Settings, rules: RoutingRules, timeout_s: float = 600.0) -> dict[str, int]:
-    return router(settings, rules).drain(timeout_s)
+    with inference_logger(settings) as logger:
+        return router(settings, rules, logger).drain(timeout_s)
 
 
 def run_forever(settings: Settings, rules: RoutingRules) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    router(settings, rules).run(stop)
+    with inference_logger(settings) as logger:
+        router(settings, rules, logger).run(stop)

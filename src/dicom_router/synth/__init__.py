@@ -6,7 +6,7 @@
 
 from dicom_router.synth.phantoms import render_phantom, render_view
 from dicom_router.synth.profiles import PROFILES, SiteProfile, list_profiles
-from dicom_router.synth.writer import LABEL_MIX, SynthRecord, synthesize
+from dicom_router.synth.writer import LABEL_MIX, SynthRecord, new_equipment_at, synthesize
 
 __all__ = [
     "LABEL_MIX",
@@ -14,6 +14,7 @@ __all__ = [
     "SiteProfile",
     "SynthRecord",
     "list_profiles",
+    "new_equipment_at",
     "render_phantom",
     "render_view",
     "synthesize",

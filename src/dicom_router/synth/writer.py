@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from rich.progress import track
@@ -380,4 +381,23 @@ def synthesize(
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["file", "label", "site"])
         writer.writerows((r.file, r.label, r.site) for r in records)
+    return records
+
+
+def new_equipment_at(
+    site: str,
+    out_dir: Path,
+    n: int,
+    *,
+    equipment: str = "site-new",
+    seed: int = 0,
+    long_side_px: int | None = None,
+) -> list[SynthRecord]:
+    """A known ``site`` installs another vendor's detector: ``equipment``'s images and headers under the
+    site's InstitutionName (same ``site_id``, a new ``scanner_id``): the drift a monitor must catch."""
+    records = synthesize(out_dir, n, seed=seed, site_profile=equipment, long_side_px=long_side_px)
+    for record in records:
+        ds = dcmread(out_dir / record.file)
+        ds.InstitutionName = PROFILES[site].institution
+        ds.save_as(out_dir / record.file)
     return records
