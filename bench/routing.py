@@ -34,7 +34,6 @@ from dicom_router import stack
 from dicom_router.config import Settings
 from dicom_router.inference import Bundle, PreprocessConfig
 from dicom_router.models import BodyPartNet, export_bundle
-from dicom_router.orthanc.config import Peer
 from dicom_router.orthanc.send import dcmsend
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.serving.client import ModelClient
@@ -83,13 +82,7 @@ def hook_overhead(source: Path, work: Path, rounds: int) -> None:
 
 
 def routed_latency(settings: Settings, source: Path, work: Path) -> None:
-    destination = stack.orthanc_up(
-        settings,
-        name="destination",
-        aet="DEST",
-        hook=False,
-        senders={"r": Peer(settings.orthanc_aet, stack.HOST, 104)},
-    )
+    destination = stack.destination_up(settings, name="destination", aet="DEST")
     rules = work / "rules.yaml"
     where = {"host": stack.HOST, "port": destination["dicom_port"]}
     rules.write_text(

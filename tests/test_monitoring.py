@@ -372,14 +372,6 @@ def test_webhook_receives_the_alert_document(receiver: tuple[str, list[dict[str,
     assert post_webhook("http://127.0.0.1:9/nothing-listens", document, timeout_s=2) is False
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
@@ -427,7 +419,7 @@ def test_a_drift_job_alerts_the_webhook_and_the_ui_lists_its_snapshots(
     port = stack.free_port()
     ui = stack.Process("evidently-test", settings)
     base = f"http://127.0.0.1:{port}"
-    ui.start(evidently_ui_argv(workspace, port), lambda: _answers(base + UI_READY_PATH), env=UI_ENV)
+    ui.start(evidently_ui_argv(workspace, port), lambda: stack.http_ok(base + UI_READY_PATH), env=UI_ENV)
     try:
         projects = _get(f"{base}/api/projects")
         project = next(p for p in projects if p["name"] == project_name("test"))

@@ -29,7 +29,6 @@ from dicom_router.pipeline import (
     promote_version,
     read_ingest_result,
     run_local,
-    settings_env,
 )
 from dicom_router.registry import connect, history
 from dicom_router.storage import S3Store, open_store, s3_connection
@@ -186,7 +185,7 @@ def test_settings_reach_step_subprocesses_through_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(data_dir=tmp_path / "d", gate_margin=0.05, s3_access_key_id="key")
-    env = settings_env(settings)
+    env = settings.as_env()
     assert env["DICOM_ROUTER_S3_ACCESS_KEY_ID"] == "key"
     assert "DICOM_ROUTER_S3_ENDPOINT_URL" not in env  # unset stays unset (the embedded default)
     for key, value in env.items():

@@ -20,7 +20,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 
 from dicom_router import stack
 from dicom_router.config import Settings
-from dicom_router.orthanc.config import USER_METADATA, Peer
+from dicom_router.orthanc.config import USER_METADATA
 from dicom_router.orthanc.send import SendError, dcmsend
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules, Subject, decide
@@ -74,13 +74,7 @@ def odd_instances(folder: Path) -> None:
 def routed_stack(
     settings: Settings, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Settings]:
-    destination = stack.orthanc_up(
-        settings,
-        name="destination",
-        aet=DESTINATION_AET,
-        hook=False,
-        senders={"router": Peer(settings.orthanc_aet, "127.0.0.1", 104)},
-    )
+    destination = stack.destination_up(settings, name="destination", aet=DESTINATION_AET)
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump(rules_for(destination["dicom_port"])))
     for key, value in {

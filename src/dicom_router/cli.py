@@ -454,9 +454,12 @@ def _since(value: str | None) -> float | None:
     """``--since``: an ISO date/time, or a duration back from now (``30m``, ``2h``, ``1d``)."""
     if value is None:
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[:-1].isdigit() and value[-1] in units:
-        return time.time() - int(value[:-1]) * units[value[-1]]
+    from dicom_router.durations import parse_duration
+
+    try:
+        return time.time() - parse_duration(value).total_seconds()
+    except ValueError:
+        pass
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

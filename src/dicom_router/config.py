@@ -137,6 +137,19 @@ class Settings(BaseSettings):
     kfp_host: str | None = None
     """Kubeflow Pipelines endpoint for ``pipeline run`` without ``--local``."""
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``DICOM_ROUTER_*`` variables: a child process (a stack service, a pipeline
+        step) configured from them sees the same deployment."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"DICOM_ROUTER_{name.upper()}"] = str(value)
+        return env
+
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.data_dir / 'mlflow' / 'mlflow.db'}"

@@ -23,7 +23,6 @@ from rich.table import Table
 from dicom_router import stack, synth
 from dicom_router.catalog import summary_table
 from dicom_router.config import Settings
-from dicom_router.orthanc.config import Peer
 from dicom_router.orthanc.send import dcmsend
 from dicom_router.pipeline import read_ingest_result, run_local
 from dicom_router.routing.queue import RoutingQueue
@@ -71,13 +70,7 @@ def demo_rules(settings: Settings, destination_port: int) -> Path:
 
 def route_and_show(settings: Settings, console: Console, sources: list[tuple[str, Path]]) -> None:
     """Send each folder to Orthanc with dcmsend; show where the router put every instance."""
-    pacs = stack.orthanc_up(
-        settings,
-        name="pacs",
-        aet="PACS",
-        hook=False,
-        senders={"router": Peer(settings.orthanc_aet, stack.HOST, 104)},
-    )
+    pacs = stack.destination_up(settings, name="pacs", aet="PACS")
     settings = settings.model_copy(update={"route_rules": demo_rules(settings, pacs["dicom_port"])})
     model_url = stack.model_server_up(settings)
     orthanc = stack.orthanc_up(settings)

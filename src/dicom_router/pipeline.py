@@ -29,7 +29,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import SecretStr
 
 import dicom_router
 from dicom_router.catalog import (
@@ -542,19 +541,6 @@ def compile_pipelines(
     return written
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as ``DICOM_ROUTER_*`` variables, so the steps' subprocesses see the same deployment."""
-    env = {}
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[f"DICOM_ROUTER_{name.upper()}"] = str(value)
-    return env
-
-
 @contextlib.contextmanager
 def _environment(values: Mapping[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in values}
@@ -679,7 +665,7 @@ def run_local(
     pipeline_func = build_pipeline(name, settings)
     start = time.perf_counter()
     with (
-        _environment(settings_env(settings)),
+        _environment(settings.as_env()),
         _timed_tasks(root) as times,
         warnings.catch_warnings(),
         contextlib.ExitStack() as stack_,

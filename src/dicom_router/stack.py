@@ -213,7 +213,8 @@ def s3_running(settings: Settings) -> bool:
 # --- MLflow: the tracking UI over the deployment's store -------------------------------------------
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """GET answers 200 (a server's readiness route)."""
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
             return bool(response.status == 200)
@@ -247,18 +248,18 @@ def mlflow_up(settings: Settings) -> str:
         "--workers",
         "1",
     ]
-    proc.start(argv, lambda: _http_ok(f"{url}/health"), env={"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    proc.start(argv, lambda: http_ok(f"{url}/health"), env={"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
     return url
 
 
 def mlflow_status(settings: Settings) -> dict[str, Any]:
     if settings.mlflow_tracking_uri:
         uri = settings.mlflow_tracking_uri
-        return {"uri": uri, "running": uri.startswith("http") and _http_ok(f"{uri.rstrip('/')}/health")}
+        return {"uri": uri, "running": uri.startswith("http") and http_ok(f"{uri.rstrip('/')}/health")}
     url = Process("mlflow", settings).state().get("url")
     return {
         "uri": url,
-        "running": bool(url) and Process("mlflow", settings).pid() is not None and _http_ok(f"{url}/health"),
+        "running": bool(url) and Process("mlflow", settings).pid() is not None and http_ok(f"{url}/health"),
     }
 
 
@@ -274,9 +275,7 @@ def model_server_up(settings: Settings) -> str:
     url = f"http://{HOST}:{port}"
     proc.save_state({"url": url, "port": port})
     argv = [_tool("dicom-router"), "serve", "--port", str(port)]
-    proc.start(
-        argv, lambda: _http_ok(f"{url}/v2/health/live"), env={"DICOM_ROUTER_DATA_DIR": str(settings.data_dir)}
-    )
+    proc.start(argv, lambda: http_ok(f"{url}/v2/health/live"), env=settings.as_env())
     return url
 
 
@@ -291,7 +290,7 @@ def model_server_status(settings: Settings) -> dict[str, Any]:
     url = settings.serve_url or Process("model_server", settings).state().get("url")
     local = settings.serve_url is None
     alive = bool(url) and (not local or Process("model_server", settings).pid() is not None)
-    return {"url": url, "running": alive and _http_ok(f"{url}/v2/health/live")}
+    return {"url": url, "running": alive and http_ok(f"{url}/v2/health/live")}
 
 
 # --- Orthanc: the archive with the routing hook, and plain ones (destinations in tests and the demo) ---
@@ -372,6 +371,13 @@ def orthanc_up(
     return state
 
 
+def destination_up(settings: Settings, *, name: str, aet: str) -> dict[str, Any]:
+    """A plain Orthanc standing in for a PACS: stores accepted only from the routing Orthanc's AET."""
+    return orthanc_up(
+        settings, name=name, aet=aet, hook=False, senders={"router": Peer(settings.orthanc_aet, HOST, 104)}
+    )
+
+
 def orthanc_client(settings: Settings, name: str = "orthanc") -> OrthancClient:
     user, password = orthanc_credentials(settings)
     url = (
@@ -405,16 +411,11 @@ def orthanc_status(settings: Settings, name: str = "orthanc") -> dict[str, Any]:
 
 
 def router_up(settings: Settings) -> int:
-    """``dicom-router route`` as a detached process (it finds its Orthanc and model server in the state)."""
+    """``dicom-router route`` as a detached process configured by ``settings`` (rules, retries, log); it
+    finds its Orthanc and model server in the stack's state."""
     proc = Process("router", settings)
     argv = [_tool("dicom-router"), "route"]
-    if settings.route_rules:
-        argv += ["--rules", str(settings.route_rules)]
-    env = {
-        "DICOM_ROUTER_DATA_DIR": str(settings.data_dir),
-        "DICOM_ROUTER_INFERENCE_LOG_FLUSH_S": str(settings.inference_log_flush_s),
-    }
-    return proc.start(argv, lambda: proc.pid() is not None, env=env)
+    return proc.start(argv, lambda: proc.pid() is not None, env=settings.as_env())
 
 
 # --- monitoring: the Evidently UI and the scheduled drift run -------------------------------------
@@ -430,7 +431,7 @@ def evidently_up(settings: Settings) -> str:
     settings.evidently_dir.mkdir(parents=True, exist_ok=True)
     proc.save_state({"url": url, "port": port, "workspace": str(settings.evidently_dir)})
     proc.start(
-        evidently_ui_argv(settings.evidently_dir, port), lambda: _http_ok(url + UI_READY_PATH), env=UI_ENV
+        evidently_ui_argv(settings.evidently_dir, port), lambda: http_ok(url + UI_READY_PATH), env=UI_ENV
     )
     return url
 
@@ -440,7 +441,7 @@ def evidently_status(settings: Settings) -> dict[str, Any]:
 
     url = Process("evidently", settings).state().get("url")
     running = (
-        bool(url) and Process("evidently", settings).pid() is not None and _http_ok(f"{url}{UI_READY_PATH}")
+        bool(url) and Process("evidently", settings).pid() is not None and http_ok(f"{url}{UI_READY_PATH}")
     )
     return {"url": url, "running": running}
 
@@ -458,9 +459,7 @@ def drift_schedule_up(settings: Settings) -> int:
         "--every",
         settings.drift_every,
     ]
-    return proc.start(
-        argv, lambda: proc.pid() is not None, env={"DICOM_ROUTER_DATA_DIR": str(settings.data_dir)}
-    )
+    return proc.start(argv, lambda: proc.pid() is not None, env=settings.as_env())
 
 
 # --- the whole stack ------------------------------------------------------------------------------

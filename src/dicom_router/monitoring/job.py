@@ -6,7 +6,6 @@ schedules call ``drift_job``; it holds the wiring, ``drift.run_drift`` the logic
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from dicom_router.config import Settings
+from dicom_router.durations import parse_duration
 from dicom_router.errors import ModelNotFound
 from dicom_router.monitoring.alerts import post_webhook
 from dicom_router.monitoring.dashboard import log_report_to_mlflow, write_snapshots
@@ -24,16 +24,13 @@ from dicom_router.monitoring.reference import load_frame, load_reference, refere
 
 log = logging.getLogger(__name__)
 
-_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
 
 def parse_window(text: str) -> timedelta:
     """``90m``, ``24h``, ``7d``, ``2w`` → a timedelta (the recent window CUR is cut to)."""
-    match = _WINDOW.match(text)
-    if match is None:
-        raise DriftInputError(f"window {text!r}: expected a number and a unit among s, m, h, d, w (e.g. 24h)")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise DriftInputError(f"window {exc}") from None
 
 
 @dataclass(frozen=True)

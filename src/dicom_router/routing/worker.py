@@ -92,7 +92,8 @@ class Router:
             seq = int(page["Last"])
             if page["Done"]:
                 break
-        missing = [i for i in dict.fromkeys(found) if i not in self.queue.known(found)]
+        known = self.queue.known(found)
+        missing = [i for i in dict.fromkeys(found) if i not in known]
         for instance_id in missing:
             self.queue.enqueue(instance_id)
         self.queue.set_state(CHANGES_SEQ, str(seq))
@@ -101,13 +102,13 @@ class Router:
             log.info("recovered %d stored instances missing from the queue", len(missing))
         return len(missing)
 
-    def ensure_destinations(self, *, force: bool = False) -> None:
+    def ensure_destinations(self) -> None:
         """Declare the rules' destinations in Orthanc (it forgets REST-declared modalities on restart)."""
-        if not force and time.monotonic() - self._destinations_checked < RECOVER_EVERY_S:
+        if time.monotonic() - self._destinations_checked < RECOVER_EVERY_S:
             return
         known = set(self.orthanc.modalities())
         for name, destination in self.rules.destinations.items():
-            if force or name not in known:
+            if name not in known:
                 self.orthanc.put_modality(name, Peer(destination.aet, destination.host, destination.port))
         self._destinations_checked = time.monotonic()
 

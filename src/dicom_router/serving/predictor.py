@@ -18,6 +18,7 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -160,17 +161,15 @@ class DecodePool:
     ) -> list[Prepared]:
         loop = asyncio.get_running_loop()
         futures = [
-            loop.run_in_executor(self.executor, _prepare_kw, data, f"instances[{i}]", config, max_pixels)
+            loop.run_in_executor(
+                self.executor, partial(prepare, data, f"instances[{i}]", config, max_pixels=max_pixels)
+            )
             for i, data in enumerate(items)
         ]
         return list(await asyncio.gather(*futures))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _prepare_kw(data: bytes, path: str, config: PreprocessConfig, max_pixels: int) -> Prepared:
-    return prepare(data, path, config, max_pixels=max_pixels)
 
 
 # --- micro-batching ---------------------------------------------------------------------------------
