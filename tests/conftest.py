@@ -13,6 +13,9 @@ import pytest
 from dicom_router import stack
 from dicom_router.config import Settings
 
+# Tests reach loopback only: timm's hub must fail at once instead of trying the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 def _settings(data_dir: Path) -> Settings:
     return Settings(data_dir=data_dir)

@@ -64,7 +64,7 @@ def test_instances_without_a_patient_are_their_own_group() -> None:
 def test_the_cache_serves_a_second_run_without_decoding(tmp_path: Path, settings: Settings) -> None:
     data = tmp_path / "dicoms"
     synthesize(data, 12, seed=2, long_side_px=64)
-    labelled = load_labelled(settings, data=str(data))
+    labelled = load_labelled(settings, data=[str(data)])
     config = PreprocessConfig(image_size=32)
     first, errors = build_cache(labelled.frame, labelled.source, config, settings, progress=False)
     assert not errors and first.images.shape == (12, 32, 32) and first.images.dtype == np.uint16
@@ -92,7 +92,7 @@ def test_balanced_weights_give_every_class_the_same_total() -> None:
 def test_the_dataset_yields_unit_range_images_and_labels(tmp_path: Path, settings: Settings) -> None:
     data = tmp_path / "dicoms"
     synthesize(data, 10, seed=4, long_side_px=64)
-    labelled = load_labelled(settings, data=str(data))
+    labelled = load_labelled(settings, data=[str(data)])
     cached, _ = build_cache(
         labelled.frame, labelled.source, PreprocessConfig(image_size=32), settings, progress=False
     )

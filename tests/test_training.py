@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from dicom_router import LABELS
 from dicom_router.candidates import cross_validate, load_labelled
 from dicom_router.config import Settings
+from dicom_router.data import leave_one_group_out
 from dicom_router.inference import (
     METADATA_FEATURES,
     Bundle,
@@ -22,7 +24,7 @@ from dicom_router.inference import (
     letterbox,
     metadata_vector,
 )
-from dicom_router.models import BodyPartNet, export_bundle
+from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.registry import connect
 from dicom_router.synth import synthesize
 from dicom_router.train import TrainConfig
@@ -153,32 +155,103 @@ def test_header_features_work_when_fields_are_missing() -> None:
     )
 
 
-def test_cross_validation_by_group_tests_every_image_once(labelled_folder: Path, settings: Settings) -> None:
-    labelled = load_labelled(settings, data=str(labelled_folder))
-    config = TrainConfig(arch="resnet18", epochs=1, image_size=32, batch_size=16)
-    report = cross_validate(settings, labelled, config, group_by="site", folds=2, seed=0, progress=False)
-    assert report["n"] == len(labelled.frame) == 60
-    assert list(report["per_class"]) == list(LABELS)
+def test_cross_validation_by_group_tests_every_image_once_for_every_variant(
+    labelled_folder: Path, settings: Settings
+) -> None:
+    labelled = load_labelled(settings, data=[str(labelled_folder)])
+    configs = [
+        TrainConfig(arch=arch, epochs=1, image_size=32, batch_size=16)
+        for arch in ("resnet18", "mobilenetv2_100")
+    ]
+    reports = cross_validate(settings, labelled, configs, group_by="site", folds=2, seed=0, progress=False)
+    assert list(reports) == [
+        "resnet18",
+        "mobilenetv2_100",
+        "resnet18+mobilenetv2_100",
+        "resnet18+flip",
+        "mobilenetv2_100+flip",
+        "resnet18+mobilenetv2_100+flip",
+    ]
+    for report in reports.values():
+        assert report["n"] == len(labelled.frame) == 60
+        assert list(report["per_class"]) == list(LABELS)
+        assert sum(g["n"] for g in report["per_group"].values()) == 60
+        assert set(report["per_group"]) == set(labelled.frame["site"])
+        assert len(report["temperatures"]) == 2 and all(t > 0 for t in report["temperatures"])
+        chosen = report["abstention"]["at_threshold_for_target"]
+        assert chosen["auto_routed_accuracy"] >= 0.99 or chosen["auto_routed"] == 0
     client = connect(settings)
     found = client.get_experiment_by_name("bodypart-router-candidates")
     assert found is not None
     [run] = client.search_runs(
         [found.experiment_id],
-        filter_string="tags.mlflow.runName = 'cv-site-resnet18'",
+        filter_string="tags.mlflow.runName = 'cv-site-2-resnet18+mobilenetv2_100+flip'",
     )
-    assert run.data.metrics["cv_macro_f1"] == pytest.approx(report["macro_f1"])
+    assert run.data.metrics["cv_macro_f1"] == pytest.approx(
+        reports["resnet18+mobilenetv2_100+flip"]["macro_f1"]
+    )
 
 
-def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_message(
-    monkeypatch: pytest.MonkeyPatch,
+def test_an_ensemble_with_flips_exports_as_one_graph_that_matches_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    members = [BodyPartNet("resnet18").eval(), BodyPartNet("mobilenetv2_100").eval()]
+    scorer = Scorer(members, temperature=1.7, flip=True).eval()
+    bundle = Bundle(export_bundle(scorer, PreprocessConfig(image_size=32), {}, tmp_path / "b"))
+    assert bundle.card["arch"] == "resnet18+mobilenetv2_100+flip"
+    assert bundle.card["temperature"] == pytest.approx(1.7)
+    images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    probabilities, embedding = bundle.run(images)
+    with torch.no_grad():
+        expected, expected_embedding = scorer(torch.from_numpy(images))
+    np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
+    widths = [m.backbone(torch.zeros(1, 1, 32, 32)).shape[1] for m in members]
+    assert embedding.shape == (3, sum(widths))
+    np.testing.assert_allclose(embedding, expected_embedding.numpy(), atol=1e-4)
+    mirrored, _ = bundle.run(np.ascontiguousarray(images[..., ::-1]))
+    np.testing.assert_allclose(mirrored, probabilities, atol=1e-5)  # TTA: a mirror image scores the same
+    with torch.no_grad():
+        single = [torch.log_softmax(m(torch.from_numpy(images))[0], 1) for m in members]
+        flipped = [torch.log_softmax(m(torch.from_numpy(images).flip(-1))[0], 1) for m in members]
+    by_hand = torch.softmax(torch.stack(single + flipped).mean(0) / 1.7, 1)
+    np.testing.assert_allclose(probabilities, by_hand.numpy(), atol=1e-5)
+
+
+def test_leave_one_group_out_gives_each_collection_its_own_fold() -> None:
+    frame = pd.DataFrame(
+        {
+            "sop_uid_hash": [f"k{i}" for i in range(10)],
+            "label": ["adult_chest"] * 4 + ["others"] * 3 + ["spine"] * 3,
+            "collection": ["a", "a", "b", "c", "d", "d", "e", "s", "s", "s"],
+        }
+    )
+    folds = leave_one_group_out(frame, "collection", seed=0)
+    fold_of_group = {}
+    for group in "abcde":
+        members = frame.loc[frame["collection"] == group, "sop_uid_hash"]
+        [fold_of_group[group]] = {folds[k] for k in members}  # a collection is never split
+    assert sorted(fold_of_group.values()) == [0, 1, 2, 3, 4]  # one fold each
+    assert len({folds[k] for k in ("k7", "k8", "k9")}) == 3  # a one-collection label is spread by image
+
+
+def test_several_labelled_folders_train_as_one_set_grouped_by_collection(
+    tmp_path: Path, settings: Settings
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = run_cli(
-        "train", "--data", ".", "--arch", "resnet18", "--pretrained", env={"HF_HUB_OFFLINE": "1"}
+    for name, seed in (("one", 1), ("two", 2)):
+        synthesize(tmp_path / name, 12, sites=2, seed=seed, long_side_px=48)
+        labels = pd.read_csv(tmp_path / name / "labels.csv")
+        labels["source"] = f"collection {name}"
+        labels.to_csv(tmp_path / name / "labels.csv", index=False)
+    mapping = tmp_path / "collections.csv"
+    mapping.write_text("source,collection\ncollection one,both\n")
+    labelled = load_labelled(
+        settings, data=[str(tmp_path / "one"), str(tmp_path / "two")], collections=mapping
     )
-    assert result.returncode == 64
-    assert "pretrained weights for resnet18 could not be loaded" in result.stderr
-    assert "drop --pretrained" in result.stderr
+    assert labelled.source == str(tmp_path)
+    assert len(labelled.frame) == 24
+    assert {k.split("/")[0] for k in labelled.frame["key"]} == {"one", "two"}
+    assert set(labelled.frame["collection"]) == {"both", "collection two"}
+    cached, errors = labelled.cached(settings, PreprocessConfig(image_size=32), progress=False)
+    assert not errors and len(cached.keys) == 24
 
 
 @pytest.mark.usefixtures("settings")

@@ -1,5 +1,6 @@
-"""Training candidates end to end: labelled data → split → cache → train → bundle → evaluation on the
-persisted test split → one MLflow run each → registered version tagged ``candidate``."""
+"""Training candidates end to end: labelled data → split → cache → train → calibrate → bundle →
+evaluation on the persisted test split → one MLflow run each → registered version tagged ``candidate``;
+and source-grouped cross-validation of members, ensembles and test-time augmentation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +25,33 @@ import torch
 from mlflow.models import infer_signature
 
 from dicom_router import LABELS
+from dicom_router.calibration import abstention_report, fit_temperature, scaled, threshold_for
 from dicom_router.catalog import ingest, read_catalog
 from dicom_router.config import Settings
-from dicom_router.data import CachedImages, Split, build_cache, grouped_folds, split_examples
+from dicom_router.data import (
+    CachedImages,
+    Split,
+    build_cache,
+    grouped_folds,
+    leave_one_group_out,
+    split_examples,
+)
 from dicom_router.dicom.errors import DicomInputError
-from dicom_router.evaluate import evaluation_report, plot_confusion_matrix, plot_reliability
+from dicom_router.evaluate import (
+    confusion_matrix,
+    evaluation_report,
+    group_report,
+    macro_f1,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_risk_coverage,
+)
 from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig
-from dicom_router.models import export_bundle
+from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.registry import CANDIDATES_EXPERIMENT, experiment, register_bundle
 from dicom_router.synth import PROFILES, synthesize
-from dicom_router.train import TrainConfig, predict_probabilities, train_candidate
+from dicom_router.train import TrainConfig, predict_scores, train_candidate
+from dicom_router.weights import Weights, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +76,136 @@ class Labelled:
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
-def load_labelled(settings: Settings, *, catalog: str | None = None, data: str | None = None) -> Labelled:
-    """From a catalog (``ingest --labels`` output) or a labelled folder (cataloged on the fly)."""
+def _root(uris: Sequence[str]) -> str:
+    """The longest common folder of several sources (local paths made absolute first)."""
+    full = [u.rstrip("/") if "://" in u else str(Path(u).resolve()) for u in uris]
+    common: list[str] = []
+    for segments in zip(*(u.split("/") for u in full), strict=False):
+        if len(set(segments)) != 1:
+            break
+        common.append(segments[0])
+    root = "/".join(common)
+    if not root or root.endswith(":") or root.endswith(":/"):
+        raise ValueError(f"labelled folders {list(uris)} share no common parent folder or bucket")
+    return root
+
+
+def _catalog_folder(settings: Settings, data: str) -> pd.DataFrame:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = ingest(
+            data,
+            f"{tmp}/catalog.parquet",
+            settings,
+            labels_uri=f"{data.rstrip('/')}/labels.csv",
+            progress=False,
+        )
+    return result.catalog
+
+
+def load_labelled(
+    settings: Settings,
+    *,
+    catalog: str | None = None,
+    data: Sequence[str] = (),
+    collections: Path | None = None,
+) -> Labelled:
+    """From a catalog (``ingest --labels`` output) or labelled folders (cataloged on the fly; several
+    folders become one set whose keys are relative to their common parent).
+
+    ``collections`` (CSV ``source,collection``) names the collection each source belongs to, for
+    cross-validation folds grouped by collection across folders (two folders may hold images of one
+    public collection under different source names); without it a source is its own collection.
+    """
     if catalog is not None:
         frame, source = read_catalog(catalog, settings)
-    elif data is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = ingest(
-                data,
-                f"{tmp}/catalog.parquet",
-                settings,
-                labels_uri=f"{data.rstrip('/')}/labels.csv",
-                progress=False,
-            )
-        frame, source = result.catalog, data
+    elif len(data) == 1:
+        frame, source = _catalog_folder(settings, data[0]), data[0]
+    elif data:
+        source = _root(data)
+        parts = []
+        for folder in data:
+            part = _catalog_folder(settings, folder)
+            prefix = _root([folder]).removeprefix(source).strip("/")
+            parts.append(part.assign(key=prefix + "/" + part["key"].astype(str)))
+        frame = pd.concat(parts, ignore_index=True)
     else:
         raise ValueError("give a catalog or a labelled data folder")
     usable = frame[frame["label"].notna() & frame["has_pixels"]].reset_index(drop=True)
     if usable.empty:
-        raise ValueError(f"no labelled images with pixel data in {catalog or data}")
+        raise ValueError(f"no labelled images with pixel data in {catalog or ', '.join(data)}")
+    if "source" in usable.columns:
+        mapping: dict[str, str] = {}
+        if collections is not None:
+            table = pd.read_csv(collections, dtype=str)
+            mapping = dict(zip(table["source"], table["collection"], strict=True))
+        usable["collection"] = [mapping.get(str(s), s) for s in usable["source"]]
     return Labelled(usable, source)
 
 
 @dataclass
 class Candidate:
-    config: TrainConfig
+    name: str
+    metadata: bool
     run_id: str
     version: str | None
     report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How trained members are combined: which members, with flip test-time augmentation or not."""
+
+    members: tuple[int, ...]
+    flip: bool
+
+    def name(self, configs: Sequence[TrainConfig]) -> str:
+        return "+".join(configs[i].name for i in self.members) + ("+flip" if self.flip else "")
+
+
+def variants(n: int, *, ensemble: bool, tta: bool) -> list[Variant]:
+    """Each member alone and, when ``ensemble``, all together; with flips when ``tta``."""
+    singles = [Variant((i,), tta) for i in range(n)]
+    return singles + ([Variant(tuple(range(n)), tta)] if ensemble and n > 1 else [])
+
+
+def all_variants(n: int) -> list[Variant]:
+    """Every comparison cross-validation reports: single vs ensemble, without and with TTA."""
+    return [v for flip in (False, True) for v in variants(n, ensemble=True, tta=flip)]
+
+
+@dataclass
+class MemberScores:
+    """One trained member's log-probability scores on a set of images, plain and flip-averaged."""
+
+    plain: npt.NDArray[np.float32]
+    tta: npt.NDArray[np.float32]
+
+    @classmethod
+    def of(cls, net: BodyPartNet, cached: CachedImages) -> MemberScores:
+        plain, _ = predict_scores(net, cached)
+        tta, _ = predict_scores(Scorer([net], flip=True), cached)
+        return cls(plain, tta)
+
+
+def combine(variant: Variant, members: Sequence[MemberScores]) -> npt.NDArray[np.float32]:
+    """A variant's scores from its members' (what ``Scorer`` computes in one graph)."""
+    chosen = [members[i].tta if variant.flip else members[i].plain for i in variant.members]
+    out: npt.NDArray[np.float32] = np.mean(np.stack(chosen), axis=0)
+    return out
+
+
+def _check_ensemble(configs: Sequence[TrainConfig]) -> PreprocessConfig:
+    preprocess = {c.preprocess for c in configs}
+    if len(preprocess) != 1:
+        raise ValueError("ensemble members must share one preprocessing (image size, equalisation, fusion)")
+    return configs[0].preprocess
+
+
+def initial_weights(settings: Settings, config: TrainConfig) -> Weights | None:
+    """ImageNet weights for ``config`` (``--pretrained`` / ``--init-weights``), or None from scratch."""
+    if not (config.pretrained or config.init_weights):
+        return None
+    return resolve(config.arch, init=config.init_weights, weights_dir=settings.weights_dir)
 
 
 def _log_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -130,100 +251,169 @@ def save_bundle(bundle: Bundle, out: Path) -> None:
         shutil.copy(bundle.path / name, out / name)
 
 
+@dataclass
+class _Shared:
+    """What every candidate of one training run shares."""
+
+    settings: Settings
+    labelled: Labelled
+    split: Split
+    parts: dict[str, CachedImages]
+    experiment_id: str
+    register: bool
+    review_thresholds: dict[str, float]
+
+
+def _publish(
+    shared: _Shared,
+    scorer: Scorer,
+    preprocess: PreprocessConfig,
+    params: dict[str, Any],
+    card: dict[str, Any],
+    work: Path,
+) -> tuple[dict[str, Any], str | None]:
+    """Fit the temperature on validation, export the bundle, score it on the test split through ONNX
+    Runtime, log bundle, metrics and plots to the active run and (optionally) register it."""
+    val_scores, _ = predict_scores(scorer, shared.parts["val"])
+    temperature = fit_temperature(val_scores, shared.parts["val"].labels)
+    scorer.temperature.fill_(temperature)
+    facts = {
+        "data_fingerprint": shared.labelled.fingerprint,
+        "split_fingerprint": shared.split.fingerprint,
+        "source": shared.labelled.source,
+        **{f"n_{part}": len(images.keys) for part, images in shared.parts.items()},
+    }
+    mlflow.log_params({**params, **facts, "temperature": f"{temperature:.4f}"})
+    mlflow.log_dict(json.loads(shared.split.to_json()), "split.json")
+    threshold = shared.review_thresholds.get(scorer.name)
+    card = {
+        **facts,
+        **card,
+        **({"review_threshold": threshold} if threshold is not None else {}),
+        "test_items": test_items(shared.labelled, shared.split),
+    }
+    export = export_bundle(scorer, preprocess, card, work / "export")
+    bundle = Bundle(export)
+    report, probabilities = score_cached(bundle, shared.parts["test"])
+    card = json.loads((export / "card.json").read_text())
+    card["test_metrics"] = {k: report[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "ece")}
+    (export / "card.json").write_text(json.dumps(card, indent=2))
+    save_bundle(bundle, work / "bundle")
+    mlflow.log_artifacts(str(work / "bundle"), "bundle")
+    mlflow.log_dict(report, "evaluation.json")
+    mlflow.log_metric("ms_per_image", report["ms_per_image"])
+    _log_report("test", report, probabilities, shared.parts["test"].labels, work)
+    version = None
+    if shared.register:
+        tags = {
+            "arch": scorer.name,
+            "metadata": str(preprocess.metadata),
+            "test_macro_f1": f"{report['macro_f1']:.4f}",
+            "split_fingerprint": shared.split.fingerprint,
+            "data_fingerprint": shared.labelled.fingerprint,
+        }
+        version = str(register_bundle(shared.settings, mlflow.active_run().info.run_id, tags).version)  # type: ignore[union-attr]
+    log.info(
+        "%s: test macro-F1 %.4f (n=%d, temperature %.2f)%s",
+        scorer.name,
+        report["macro_f1"],
+        report["n"],
+        temperature,
+        f", registered as version {version}" if version else "",
+    )
+    return report, version
+
+
 def train_candidates(
     settings: Settings,
     labelled: Labelled,
     configs: list[TrainConfig],
     *,
     register: bool,
+    ensemble: bool = False,
+    tta: bool = False,
+    review_thresholds: dict[str, float] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[Candidate], list[DicomInputError]]:
-    """Train each configuration on one shared split and cache; log, export and (optionally) register."""
+    """Train each configuration on one shared split and cache, then publish each member (and, with
+    ``ensemble``, all members as one bundle) as a candidate: one MLflow run each, optionally registered.
+
+    ``review_thresholds`` (by candidate name, from cross-validation) go into each bundle's card."""
     split = split_examples(labelled.frame, seed=seed)
-    experiment_id = experiment(settings, CANDIDATES_EXPERIMENT)
-    items = test_items(labelled, split)
-    results: list[Candidate] = []
+    if ensemble:
+        _check_ensemble(configs)
     errors: list[DicomInputError] = []
+    results: list[Candidate] = []
+    nets: list[BodyPartNet] = []
+    members: list[dict[str, Any]] = []
     for config in configs:
         cached, bad = labelled.cached(settings, config.preprocess, progress=progress)
         errors.extend(e for e in bad if e.path not in {x.path for x in errors})
-        parts = {name: cached.select(split.of(name)) for name in ("train", "val", "test")}
-        preprocess = config.preprocess
+        shared = _Shared(
+            settings,
+            labelled,
+            split,
+            {name: cached.select(split.of(name)) for name in ("train", "val", "test")},
+            experiment(settings, CANDIDATES_EXPERIMENT),
+            register,
+            review_thresholds or {},
+        )
+        name = Variant((0,), tta).name([config])
         with (
-            mlflow.start_run(experiment_id=experiment_id, run_name=config.name) as run,
+            mlflow.start_run(experiment_id=shared.experiment_id, run_name=name) as run,
             tempfile.TemporaryDirectory() as tmp,
         ):
-            work = Path(tmp)
-            mlflow.log_params(config.model_dump())
-            facts = {
-                "data_fingerprint": labelled.fingerprint,
-                "split_fingerprint": split.fingerprint,
-                "source": labelled.source,
-                **{f"n_{part}": len(images.keys) for part, images in parts.items()},
-            }
-            mlflow.log_params(facts)
-            mlflow.log_dict(json.loads(split.to_json()), "split.json")
+            init = initial_weights(settings, config)
+            provenance = init.provenance() if init else {"init_source": "scratch"}
             result = train_candidate(
                 config,
-                parts["train"],
-                parts["val"],
-                work / "best.pt",
+                shared.parts["train"],
+                shared.parts["val"],
+                Path(tmp) / "best.pt",
                 on_epoch=_log_epoch,
                 progress=progress,
-                backbone_state=synthetic_backbone(settings, config, progress=progress),
+                init=init,
+                backbone_state=synthetic_backbone(settings, config, init, progress=progress),
             )
-            card = {**facts, "best_epoch": result.best_epoch, "test_items": items}
-            export = export_bundle(result.net, preprocess, card, work / "export")
-            bundle = Bundle(export)
-            report, probabilities = score_cached(bundle, parts["test"])
-            card["test_metrics"] = {k: report[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "ece")}
-            (export / "card.json").write_text(json.dumps({"arch": config.arch, **card}, indent=2))
-            save_bundle(bundle, work / "bundle")
-            mlflow.log_artifacts(str(work / "bundle"), "bundle")
-            mlflow.log_dict(report, "evaluation.json")
             mlflow.log_metrics(
                 {
-                    "test_macro_f1": report["macro_f1"],
-                    "test_accuracy": report["accuracy"],
-                    "test_ece": report["ece"],
                     "best_val_macro_f1": result.best_val_macro_f1,
                     "train_images_per_second": result.images_per_second,
-                    "ms_per_image": report["ms_per_image"],
-                    **{f"test_recall_{label}": report["per_class"][label]["recall"] for label in LABELS},
                 }
             )
-            cm = np.asarray(report["confusion_matrix"])
-            mlflow.log_artifact(str(plot_confusion_matrix(cm, LABELS, work / "confusion_matrix.png")))
-            mlflow.log_artifact(
-                str(plot_reliability(probabilities, parts["test"].labels, work / "reliability.png"))
+            card = {"best_epoch": result.best_epoch, **provenance}
+            scorer = Scorer([result.net], flip=tta)
+            report, version = _publish(
+                shared, scorer, config.preprocess, {**config.model_dump(), **provenance}, card, Path(tmp)
             )
-            version = None
-            if register:
-                tags = {
-                    "arch": config.arch,
-                    "metadata": str(config.metadata),
-                    "test_macro_f1": f"{report['macro_f1']:.4f}",
-                    "split_fingerprint": split.fingerprint,
-                    "data_fingerprint": labelled.fingerprint,
-                }
-                version = str(register_bundle(settings, run.info.run_id, tags).version)
-            log.info(
-                "%s: test macro-F1 %.4f (n=%d)%s",
-                config.name,
-                report["macro_f1"],
-                report["n"],
-                f", registered as version {version}" if version else "",
+            results.append(Candidate(name, config.metadata, run.info.run_id, version, report))
+            nets.append(result.net)
+            members.append({"arch": config.arch, "run_id": run.info.run_id, **provenance})
+    if ensemble and len(configs) > 1:
+        scorer = Scorer(nets, flip=tta)
+        with (
+            mlflow.start_run(experiment_id=shared.experiment_id, run_name=scorer.name) as run,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            params = {
+                "members": ",".join(c.name for c in configs),
+                "tta": tta,
+                **{k: v for k, v in configs[0].model_dump().items() if k not in ("arch",)},
+            }
+            report, version = _publish(
+                shared, scorer, configs[0].preprocess, params, {"members": members}, Path(tmp)
             )
-            results.append(Candidate(config, run.info.run_id, version, report))
+            results.append(Candidate(scorer.name, configs[0].metadata, run.info.run_id, version, report))
     return results, errors
 
 
 def synthetic_backbone(
-    settings: Settings, config: TrainConfig, *, progress: bool = True
+    settings: Settings, config: TrainConfig, init: Weights | None, *, progress: bool = True
 ) -> dict[str, Any] | None:
     """Backbone weights pretrained on ``config.pretrain_synthetic`` synthetic images from all site
-    profiles (kept on disk, so CV folds and the final model share one pretraining)."""
+    profiles, starting from ``init`` (kept on disk, so CV folds and the final model share one
+    pretraining)."""
     if not config.pretrain_synthetic:
         return None
     tag = (
@@ -233,6 +423,7 @@ def synthetic_backbone(
                 config.preprocess.fingerprint(),
                 f"n{config.pretrain_synthetic}",
                 f"e{config.pretrain_epochs}",
+                *((f"init{init.sha256[:12]}",) if init else ()),
             )
         )
         + f"-{config.seed}"
@@ -251,11 +442,16 @@ def synthetic_backbone(
             long_side_px=max(2 * config.image_size, 128),
             progress=progress,
         )
-    labelled = load_labelled(settings, data=str(folder))
+    labelled = load_labelled(settings, data=[str(folder)])
     cached, _ = labelled.cached(settings, config.preprocess, progress=progress)
     split = split_examples(labelled.frame, seed=config.seed)
     pre = config.model_copy(
-        update={"epochs": config.pretrain_epochs, "metadata": False, "pretrain_synthetic": 0}
+        update={
+            "epochs": config.pretrain_epochs,
+            "metadata": False,
+            "pretrain_synthetic": 0,
+            "warmup_epochs": 0,
+        }
     )
     result = train_candidate(
         pre,
@@ -263,6 +459,7 @@ def synthetic_backbone(
         cached.select(split.of("val")),
         weights.with_suffix(".ckpt"),
         progress=progress,
+        init=init,
     )
     log.info(
         "pretrained %s on %d synthetic images: val macro-F1 %.4f",
@@ -276,65 +473,160 @@ def synthetic_backbone(
     return state
 
 
+def cv_folds(frame: pd.DataFrame, column: str, folds: int | None, *, seed: int) -> dict[str, int]:
+    """Fold of each instance: ``folds`` folds grouped by ``column``, or (None) leave-one-group-out:
+    one fold per group of a label that has several, so each collection in turn is the unseen one."""
+    if folds is not None:
+        return grouped_folds(frame, column, folds, seed=seed)
+    return leave_one_group_out(frame, column, seed=seed)
+
+
 def cross_validate(
     settings: Settings,
     labelled: Labelled,
-    config: TrainConfig,
+    configs: Sequence[TrainConfig],
     *,
     group_by: str,
-    folds: int = 3,
+    folds: int | None = 3,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Group-wise cross-validation (e.g. by public collection): every image is tested once by a model
-    that never saw its group; the pooled predictions give the report, logged as one MLflow run."""
+) -> dict[str, dict[str, Any]]:
+    """Group-wise cross-validation (e.g. by public collection): every image is tested once by models
+    that never saw its group. Each fold trains every member once; each variant (member alone or all
+    together, without and with flip TTA) is temperature-scaled on the fold's validation images. The
+    pooled predictions give one report per variant (per-class, per-group, risk–coverage and the review
+    threshold for 99% auto-routed accuracy), logged as nested MLflow runs. ``folds=None``: one fold
+    per group (leave one source out)."""
     if group_by not in labelled.frame.columns:
         raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
-    cached, _ = labelled.cached(settings, config.preprocess, progress=progress)
+    preprocess = _check_ensemble(configs)
+    cached, _ = labelled.cached(settings, preprocess, progress=progress)
     frame = labelled.frame[labelled.frame["sop_uid_hash"].isin(cached.keys)]
-    assignment = grouped_folds(frame, group_by, folds, seed=seed)
-    truth: list[np.ndarray] = []
-    pooled: list[np.ndarray] = []
+    assignment = cv_folds(frame, group_by, folds, seed=seed)
+    n_folds = max(assignment.values()) + 1
+    group_of = dict(
+        zip(frame["sop_uid_hash"].astype(str), frame[group_by].fillna("(none)").astype(str), strict=True)
+    )
+    chosen = all_variants(len(configs))
+    truth: list[npt.NDArray[np.int64]] = []
+    groups: list[str] = []
+    pooled: dict[Variant, list[npt.NDArray[np.float64]]] = {v: [] for v in chosen}
+    temperatures: dict[Variant, list[float]] = {v: [] for v in chosen}
+    label = "loo" if folds is None else str(folds)
+    names = "+".join(c.name for c in configs)
+    experiment_id = experiment(settings, CANDIDATES_EXPERIMENT)
     with (
-        mlflow.start_run(
-            experiment_id=experiment(settings, CANDIDATES_EXPERIMENT), run_name=f"cv-{group_by}-{config.name}"
-        ),
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"cv-{group_by}-{label}-{names}"),
         tempfile.TemporaryDirectory() as tmp,
     ):
-        mlflow.log_params({**config.model_dump(), "cv_group_by": group_by, "cv_folds": folds})
+        mlflow.log_params(
+            {**configs[0].model_dump(), "arch": names, "cv_group_by": group_by, "cv_folds": label}
+        )
         mlflow.log_param("data_fingerprint", labelled.fingerprint)
-        for fold in range(folds):
+        for fold in range(n_folds):
             test_keys = [k for k, f in assignment.items() if f == fold]
             rest = frame[~frame["sop_uid_hash"].isin(test_keys)]
             inner = split_examples(rest, seed=seed + fold, fractions=(0.85, 0.15, 0.0))
             train_keys = [k for k, s in inner.assignment.items() if s != "val"]
-            result = train_candidate(
-                config.model_copy(update={"seed": seed + fold}),
-                cached.select(train_keys),
-                cached.select(inner.of("val")),
-                Path(tmp) / f"fold{fold}.pt",
-                progress=progress,
-                backbone_state=synthetic_backbone(settings, config, progress=progress),
+            val, test = cached.select(inner.of("val")), cached.select(test_keys)
+            val_scores: list[MemberScores] = []
+            test_scores: list[MemberScores] = []
+            for config in configs:
+                init = initial_weights(settings, config)
+                result = train_candidate(
+                    config.model_copy(update={"seed": seed + fold}),
+                    cached.select(train_keys),
+                    val,
+                    Path(tmp) / f"fold{fold}.pt",
+                    progress=progress,
+                    init=init,
+                    backbone_state=synthetic_backbone(settings, config, init, progress=progress),
+                )
+                val_scores.append(MemberScores.of(result.net, val))
+                test_scores.append(MemberScores.of(result.net, test))
+            for variant in chosen:
+                temperature = fit_temperature(combine(variant, val_scores), val.labels)
+                temperatures[variant].append(temperature)
+                pooled[variant].append(scaled(combine(variant, test_scores), temperature))
+            truth.append(test.labels)
+            groups.extend(group_of[k] for k in test.keys)
+            fold_f1 = macro_f1(
+                confusion_matrix(test.labels, pooled[chosen[-1]][-1].argmax(axis=1), len(LABELS))
             )
-            test = cached.select(test_keys)
-            probabilities = predict_probabilities(result.net, test)
-            fold_f1 = evaluation_report(test.labels, probabilities, LABELS, 0.0, resamples=200)["macro_f1"]
             mlflow.log_metric("fold_macro_f1", fold_f1, step=fold)
             log.info(
-                "cv fold %d/%d (%d test images): macro-F1 %.4f", fold + 1, folds, len(test.keys), fold_f1
+                "cv fold %d/%d (%d test images): macro-F1 %.4f", fold + 1, n_folds, len(test.keys), fold_f1
             )
-            truth.append(test.labels)
-            pooled.append(probabilities)
-        report = evaluation_report(np.concatenate(truth), np.concatenate(pooled), LABELS, 0.0)
-        mlflow.log_dict(report, "cv_evaluation.json")
-        mlflow.log_metrics(
+        y = np.concatenate(truth)
+        reports: dict[str, dict[str, Any]] = {}
+        for variant in chosen:
+            probabilities = np.concatenate(pooled[variant])
+            name = variant.name(configs)
+            report = evaluation_report(y, probabilities, LABELS, 0.0)
+            report["abstention"] = abstention_report(
+                probabilities, y, threshold=threshold_for(probabilities, y)
+            )
+            report["per_group"] = group_report(groups, y, probabilities, LABELS)
+            report["temperatures"] = temperatures[variant]
+            reports[name] = report
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"cv-{group_by}-{label}-{name}", nested=True
+            ):
+                mlflow.log_dict(report, "cv_evaluation.json")
+                _log_report("cv", report, probabilities, y, Path(tmp) / name)
+        mlflow.log_dict({"variants": cv_table(reports)}, "cv_table.json")
+    return reports
+
+
+def _log_report(
+    prefix: str,
+    report: dict[str, Any],
+    probabilities: npt.NDArray[np.floating[Any]],
+    y: npt.NDArray[np.int64],
+    work: Path,
+) -> None:
+    """Metrics (``PREFIX_macro_f1``, per-class recall and F1, …) and the confusion, reliability and
+    (when the report has one) risk–coverage plots of an evaluation report, to the active MLflow run."""
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        f"{prefix}_macro_f1": report["macro_f1"],
+        f"{prefix}_accuracy": report["accuracy"],
+        f"{prefix}_ece": report["ece"],
+        **{f"{prefix}_recall_{label}": report["per_class"][label]["recall"] for label in LABELS},
+        **{f"{prefix}_f1_{label}": report["per_class"][label]["f1"] for label in LABELS},
+    }
+    abstention = report.get("abstention", {}).get("at_threshold_for_target")
+    if abstention:
+        metrics[f"{prefix}_review_threshold"] = abstention["threshold"]
+        metrics[f"{prefix}_coverage_at_99"] = abstention["coverage"]
+        risk = plot_risk_coverage(
+            probabilities, y, work / f"{prefix}_risk_coverage.png", threshold=abstention["threshold"]
+        )
+        mlflow.log_artifact(str(risk))
+    mlflow.log_metrics(metrics)
+    cm = np.asarray(report["confusion_matrix"])
+    mlflow.log_artifact(str(plot_confusion_matrix(cm, LABELS, work / f"{prefix}_confusion_matrix.png")))
+    mlflow.log_artifact(str(plot_reliability(probabilities, y, work / f"{prefix}_reliability.png")))
+
+
+def cv_table(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant: macro-F1 with its CI, per-class recall, ECE, and the review threshold with
+    the coverage that keeps auto-routed accuracy at 99%."""
+    rows = []
+    for name, report in reports.items():
+        abstention = report["abstention"]["at_threshold_for_target"]
+        rows.append(
             {
-                "cv_macro_f1": report["macro_f1"],
-                "cv_accuracy": report["accuracy"],
-                **{f"cv_recall_{label}": report["per_class"][label]["recall"] for label in LABELS},
-                **{f"cv_f1_{label}": report["per_class"][label]["f1"] for label in LABELS},
+                "variant": name,
+                "macro_f1": report["macro_f1"],
+                "macro_f1_ci": report["macro_f1_ci"],
+                "accuracy": report["accuracy"],
+                "ece": report["ece"],
+                "min_recall": min(report["per_class"][label]["recall"] for label in LABELS),
+                "recall": {label: report["per_class"][label]["recall"] for label in LABELS},
+                "review_threshold": abstention["threshold"],
+                "coverage": abstention["coverage"],
+                "auto_routed_accuracy": abstention["auto_routed_accuracy"],
             }
         )
-        cm = np.asarray(report["confusion_matrix"])
-        mlflow.log_artifact(str(plot_confusion_matrix(cm, LABELS, Path(tmp) / "cv_confusion_matrix.png")))
-    return report
+    return rows

@@ -210,66 +210,125 @@ def stack(action: str, as_json: bool) -> int:
     return EXIT_OK
 
 
+class _Folds(click.ParamType):  # type: ignore[type-arg]
+    """A number of folds (≥ 2) or ``loo`` (leave one group out)."""
+
+    name = "K|loo"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value in (None, "loo"):
+            return None
+        try:
+            folds = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number of folds nor 'loo'", param, ctx)
+        if folds < 2:
+            self.fail("at least 2 folds", param, ctx)
+        return folds
+
+
 @app.command()
 @click.option("--catalog", help="Labelled catalog (ingest --labels output), local or s3://")
-@click.option("--data", "data_dir", help="Labelled folder (DICOM + labels.csv), local or s3://")
+@click.option(
+    "--data",
+    "data_dirs",
+    multiple=True,
+    help="Labelled folder (DICOM + labels.csv), local or s3:// (repeatable)",
+)
+@click.option(
+    "--collections",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV source,collection: sources that are one collection (a 'collection' column for --cv-by)",
+)
 @click.option(
     "--arch", "archs", multiple=True, help="timm architecture (repeatable); default mobilenetv1_100"
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (the head's)")
+@click.option(
+    "--backbone-lr-scale",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="The backbone's learning rate relative to --lr",
+)
+@click.option(
+    "--warmup-epochs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Epochs training the head alone on a frozen backbone first",
+)
+@click.option(
+    "--frozen-stages",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Leading backbone parameter groups (stem, stages) kept frozen",
+)
+@click.option("--views", is_flag=True, help="Augmentation mimicking other sites and views")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split, sampling and weight seed")
 @click.option(
     "--patience", type=click.IntRange(min=1), default=8, show_default=True, help="Early-stopping epochs"
 )
 @click.option("--fusion", is_flag=True, help="Also train each architecture with header-feature fusion")
 @click.option("--equalize", is_flag=True, help="Histogram-equalise images in preprocessing")
-@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (needs access to a model hub)")
+@click.option(
+    "--pretrained",
+    is_flag=True,
+    help="Start from ImageNet weights (--init-weights, DICOM_ROUTER_WEIGHTS_DIR, packaged, timm's hub)",
+)
+@click.option("--init-weights", help="ImageNet weights file or folder (implies --pretrained)")
 @click.option(
     "--pretrain-synthetic", type=click.IntRange(min=0), default=0, help="Synthetic images to pretrain on"
 )
 @click.option("--pretrain-epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--ensemble", is_flag=True, help="Also publish all architectures as one averaged bundle")
+@click.option("--tta", is_flag=True, help="Bundles average each image with its mirror image")
 @click.option("--register", is_flag=True, help="Register each candidate in MLflow (tag candidate)")
 @click.option("--cv-by", help="First cross-validate with folds grouped by this column (e.g. source)")
-@click.option("--folds", type=click.IntRange(min=2), default=3, show_default=True, help="Folds for --cv-by")
+@click.option(
+    "--folds", type=_Folds(), default="3", show_default=True, help="Folds for --cv-by, or loo (one per group)"
+)
 @click.option("--json", "as_json", is_flag=True, help="Candidates' test metrics as JSON")
 def train(
     catalog: str | None,
-    data_dir: str | None,
+    data_dirs: tuple[str, ...],
+    collections: Path | None,
     archs: tuple[str, ...],
     epochs: int,
     image_size: int,
     batch_size: int,
     lr: float,
+    backbone_lr_scale: float,
+    warmup_epochs: int,
+    frozen_stages: int,
+    views: bool,
     seed: int,
     patience: int,
     fusion: bool,
     equalize: bool,
     pretrained: bool,
+    init_weights: str | None,
     pretrain_synthetic: int,
     pretrain_epochs: int,
+    ensemble: bool,
+    tta: bool,
     register: bool,
     cv_by: str | None,
-    folds: int,
+    folds: int | None,
     as_json: bool,
 ) -> int:
     """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
-    from dicom_router.candidates import cross_validate, load_labelled, train_candidates
-    from dicom_router.models import PretrainedUnavailable, backbone
+    from dicom_router.candidates import cross_validate, initial_weights, load_labelled, train_candidates
     from dicom_router.train import TrainConfig
+    from dicom_router.weights import PretrainedUnavailable
 
-    if (catalog is None) == (data_dir is None):
+    if (catalog is None) == (not data_dirs):
         raise click.UsageError("give exactly one of --catalog or --data")
-    if pretrained:
-        for arch in archs or ("mobilenetv1_100",):
-            try:
-                backbone(arch, pretrained=True)
-            except PretrainedUnavailable as exc:
-                raise click.UsageError(str(exc)) from None
     settings = Settings()
-    labelled = load_labelled(settings, catalog=catalog, data=data_dir)
     configs = [
         TrainConfig(
             arch=arch,
@@ -277,10 +336,15 @@ def train(
             image_size=image_size,
             batch_size=batch_size,
             lr=lr,
+            backbone_lr_scale=backbone_lr_scale,
+            warmup_epochs=warmup_epochs,
+            frozen_stages=frozen_stages,
+            views=views,
             seed=seed,
             patience=patience,
             metadata=meta,
-            pretrained=pretrained,
+            pretrained=pretrained or init_weights is not None,
+            init_weights=init_weights,
             equalize=equalize,
             pretrain_synthetic=pretrain_synthetic,
             pretrain_epochs=pretrain_epochs,
@@ -288,24 +352,41 @@ def train(
         for arch in archs or ("mobilenetv1_100",)
         for meta in ((False, True) if fusion else (False,))
     ]
-    cv = {}
-    for config in configs if cv_by else []:
-        cv[config.name] = cross_validate(
-            settings, labelled, config, group_by=cv_by or "", folds=folds, seed=seed
-        )
+    for config in configs:
+        try:
+            init = initial_weights(settings, config)
+        except (PretrainedUnavailable, ValueError) as exc:
+            raise click.UsageError(str(exc)) from None
+        if init is not None:
+            log.info("%s starts from %s", config.arch, init.source)
+    labelled = load_labelled(settings, catalog=catalog, data=data_dirs, collections=collections)
+    cv: dict[str, dict[str, Any]] = {}
+    if cv_by:
+        cv = cross_validate(settings, labelled, configs, group_by=cv_by, folds=folds, seed=seed)
         if not as_json:
-            _print_report(f"{config.name}: {folds}-fold cross-validation grouped by {cv_by}", cv[config.name])
-    candidates, errors = train_candidates(settings, labelled, configs, register=register, seed=seed)
+            for name, report in cv.items():
+                _print_report(f"{name}: {folds or 'leave-one-out'} folds grouped by {cv_by}", report)
+    thresholds = {name: r["abstention"]["threshold_for_target"] for name, r in cv.items()}
+    candidates, errors = train_candidates(
+        settings,
+        labelled,
+        configs,
+        register=register,
+        ensemble=ensemble,
+        tta=tta,
+        review_thresholds=thresholds,
+        seed=seed,
+    )
     _report_errors(errors)
     rows = [
         {
-            "arch": c.config.arch,
-            "metadata": c.config.metadata,
+            "arch": c.name,
+            "metadata": c.metadata,
             "run_id": c.run_id,
             "version": c.version,
             "test_macro_f1": c.report["macro_f1"],
             "test_macro_f1_ci": c.report["macro_f1_ci"],
-            **({"cv": cv[c.config.name]} if cv else {}),
+            **({"cv": cv[c.name]} if c.name in cv else {}),
         }
         for c in candidates
     ]
@@ -315,8 +396,7 @@ def train(
         for row in rows:
             ci = row["test_macro_f1_ci"]
             stdout.print(
-                f"{row['arch']}{'+meta' if row['metadata'] else ''}: "
-                f"test macro-F1 {row['test_macro_f1']:.4f} "
+                f"{row['arch']}: test macro-F1 {row['test_macro_f1']:.4f} "
                 f"[{ci[0]:.3f}, {ci[1]:.3f}] run {row['run_id']}"
                 + (f" → {settings.registered_model} version {row['version']}" if row["version"] else "")
             )
@@ -335,10 +415,12 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
     from dicom_router.candidates import load_labelled
     from dicom_router.promotion import score
     from dicom_router.registry import load_bundle
+    from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 
     settings = Settings()
     bundle = load_bundle(settings, model_uri)
-    labelled = load_labelled(settings, data=data_dir)
+    labelled = load_labelled(settings, data=[data_dir])
+    review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review.below_confidence
     frame = labelled.frame
     if split == "test":
         test = {item["sop_uid_hash"] for item in bundle.card.get("test_items", [])}
@@ -346,7 +428,7 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
         if frame.empty:
             raise click.UsageError(f"no file of {data_dir} is in the model's test split")
     items = [{"key": str(k), "label": str(v)} for k, v in zip(frame["key"], frame["label"], strict=True)]
-    report = score(bundle, labelled.source, items, settings)
+    report = score(bundle, labelled.source, items, settings, review_threshold=review)
     for error in report["errors"]:
         sys.stderr.write(f"{error['file']}: {error['type']}: {error['message']}\n")
     if as_json:
@@ -368,6 +450,16 @@ def _print_report(title: str, report: dict[str, Any]) -> None:
             f"  {label:16} precision {row['precision']:.3f} recall {row['recall']:.3f} "
             f"F1 {row['f1']:.3f} (n={row['support']})"
         )
+    if "abstention" in report:
+        for key, what in (
+            ("at_review_threshold", "rules' review threshold"),
+            ("at_threshold_for_target", "99%"),
+        ):
+            at = report["abstention"][key]
+            stdout.print(
+                f"  review below {at['threshold']:.3f} ({what}): {at['coverage']:.1%} routed automatically, "
+                f"{at['auto_routed_accuracy']:.2%} of them right ({int(at['misrouted'])} misrouted)"
+            )
 
 
 @app.command()

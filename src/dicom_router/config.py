@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
     """Processes for ingest and decoding."""
 
+    weights_dir: Path | None = None
+    """A folder of ImageNet weights files named ``ARCH.*`` (safetensors or torch): ``train --pretrained``
+    looks here before packaged weights and timm's hub."""
     cache_uri: str | None = None
     """Where preprocessed training images are cached (local path or s3://); default ``data_dir/cache``."""
 

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -203,33 +203,79 @@ def build_cache(
 # --- torch dataset with radiograph-appropriate augmentation ------------------------------------
 
 
-def augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Small rotation, scale and shift; horizontal flip (a body part does not change with side);
-    brightness, contrast and gamma; detector-like noise. ``image`` is [1, S, S] in [0, 1]."""
+def augment(image: torch.Tensor, generator: torch.Generator, *, views: bool = False) -> torch.Tensor:
+    """Radiograph augmentation of ``image`` ([1, S, S] in [0, 1]).
+
+    Always: small rotation, scale and shift; horizontal flip (a body part does not change with side);
+    brightness, contrast and gamma; detector-like noise. With ``views`` it mimics other sites and views:
+    quarter turns and vertical flips (lateral, decubitus and mis-oriented films), crops that show part of
+    the anatomy, steeper processing curves, blur, collimation edges and burnt-in text markers.
+    """
 
     def uniform(lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand(1, generator=generator))
 
-    angle = math.radians(uniform(-10.0, 10.0))
-    scale = uniform(0.85, 1.15)
-    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    def chance(p: float) -> bool:
+        return uniform(0.0, 1.0) < p
+
+    degrees = uniform(-10.0, 10.0)
+    scale, shift = uniform(0.85, 1.15), 0.06
+    vflip = 1.0
+    if views:
+        degrees = uniform(-15.0, 15.0) + (90.0 * (1 if chance(0.5) else -1) if chance(0.25) else 0.0)
+        scale, shift = (uniform(1.1, 1.7), 0.25) if chance(0.3) else (uniform(0.8, 1.2), 0.1)
+        vflip = -1.0 if chance(0.15) else 1.0
+    angle = math.radians(degrees)
+    tx, ty = uniform(-shift, shift), uniform(-shift, shift)
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-    flip = -1.0 if uniform(0.0, 1.0) < 0.5 else 1.0
-    theta = torch.tensor([[cos * flip, -sin, tx], [sin * flip, cos, ty]], dtype=image.dtype)
+    flip = -1.0 if chance(0.5) else 1.0
+    theta = torch.tensor([[cos * flip, -sin * vflip, tx], [sin * flip, cos * vflip, ty]], dtype=image.dtype)
     grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
     out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    out = out.clamp(0.0, 1.0) ** uniform(0.7, 1.4)
+    out = out.clamp(0.0, 1.0) ** (uniform(0.5, 2.0) if views else uniform(0.7, 1.4))
+    if views and chance(0.3):
+        # a sigmoid processing curve (steeper or flatter contrast around a random midpoint)
+        gain, mid = uniform(4.0, 12.0), uniform(0.35, 0.65)
+        low, high = torch.sigmoid(torch.tensor(-gain * mid)), torch.sigmoid(torch.tensor(gain * (1 - mid)))
+        out = (torch.sigmoid(gain * (out - mid)) - low) / (high - low)
     out = (out - 0.5) * uniform(0.8, 1.2) + 0.5 + uniform(-0.1, 0.1)
+    if views and chance(0.2):
+        out = F.avg_pool2d(out[None], 3, stride=1, padding=1, count_include_pad=False)[0]
     noise = torch.randn(out.shape, generator=generator) * uniform(0.0, 0.03)
-    return (out + noise).clamp(0.0, 1.0)
+    out = (out + noise).clamp(0.0, 1.0)
+    if views:
+        out = _collimate_and_mark(out, uniform, chance)
+    return out
+
+
+def _collimate_and_mark(
+    image: torch.Tensor, uniform: Callable[[float, float], float], chance: Callable[[float], bool]
+) -> torch.Tensor:
+    """Collimation (black edges on some sides) and bright rectangular text/side markers."""
+    _, h, w = image.shape
+    out = image.clone()
+    if chance(0.3):
+        top, bottom = int(h * uniform(0.0, 0.15)), int(h * uniform(0.0, 0.15))
+        left, right = int(w * uniform(0.0, 0.15)), int(w * uniform(0.0, 0.15))
+        out[:, :top] = 0.0
+        out[:, h - bottom :] = 0.0
+        out[:, :, :left] = 0.0
+        out[:, :, w - right :] = 0.0
+    if chance(0.3):
+        for _ in range(int(uniform(1.0, 4.0))):
+            mh, mw = max(1, int(h * uniform(0.02, 0.06))), max(1, int(w * uniform(0.02, 0.12)))
+            y, x = int(uniform(0.0, h - mh)), int(uniform(0.0, w - mw))
+            out[:, y : y + mh, x : x + mw] = uniform(0.85, 1.0)
+    return out
 
 
 class XrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """Cached images as float tensors, augmented when training."""
 
-    def __init__(self, cached: CachedImages, *, train: bool, seed: int = 0) -> None:
+    def __init__(self, cached: CachedImages, *, train: bool, seed: int = 0, views: bool = False) -> None:
         self.cached = cached
         self.train = train
+        self.views = views
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -238,7 +284,7 @@ class XrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = torch.from_numpy(self.cached.images[index].astype(np.float32) / 65535.0)[None]
         if self.train:
-            image = augment(image, self.generator)
+            image = augment(image, self.generator, views=self.views)
         return image, torch.from_numpy(self.cached.meta[index]), torch.tensor(self.cached.labels[index])
 
 
@@ -269,4 +315,26 @@ def grouped_folds(frame: pd.DataFrame, column: str, k: int, *, seed: int) -> dic
             keys = [str(h) for h in rows["sop_uid_hash"]]
             for i, index in enumerate(rng.permutation(len(keys))):
                 folds[keys[index]] = i % k
+    return folds
+
+
+def leave_one_group_out(frame: pd.DataFrame, column: str, *, seed: int) -> dict[str, int]:
+    """One fold per value of ``column`` among labels that have several (each collection in turn plays
+    the unseen hospital); a label with a single group is split by image across those folds, so every
+    fold still trains on it."""
+    rng = np.random.default_rng(seed)
+    values = frame[column].fillna("(none)").astype(str)
+    per_label = values.groupby(frame["label"]).nunique()
+    multi = sorted(set(values[frame["label"].isin(per_label[per_label >= 2].index)]))
+    if not multi:
+        raise ValueError(f"no label has more than one {column!r}: nothing to leave out")
+    fold_of = {group: i for i, group in enumerate(multi)}
+    folds: dict[str, int] = {}
+    for label, rows in frame.groupby("label", sort=True):
+        keys = [str(h) for h in rows["sop_uid_hash"]]
+        if per_label[label] >= 2:
+            folds.update({k: fold_of[str(g)] for k, g in zip(keys, values[rows.index], strict=True)})
+        else:
+            for i, index in enumerate(rng.permutation(len(keys))):
+                folds[keys[index]] = i % len(multi)
     return folds

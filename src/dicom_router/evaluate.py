@@ -20,6 +20,8 @@ from typing import Any, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+from dicom_router.calibration import abstention_report, at_threshold, risk_coverage
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -235,8 +237,12 @@ def evaluation_report(
     errors: list[dict[str, Any]] | None = None,
     resamples: int = 10_000,
     seed: int = 0,
+    review_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """The contract's ``evaluate`` JSON document (plain Python types); predictions are the argmax."""
+    """The contract's ``evaluate`` JSON document (plain Python types); predictions are the argmax.
+
+    With ``review_threshold`` (the rules' ``review.below_confidence``) it also says how many images a
+    router would send on automatically and how often those are right (``abstention``)."""
     k = len(labels)
     probs = np.asarray(probabilities, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != k:
@@ -266,7 +272,63 @@ def evaluation_report(
         },
         "confusion_matrix": cm.tolist(),
         "errors": list(errors or []),
+        **(
+            {"abstention": abstention_report(probs, y_true, threshold=review_threshold)}
+            if review_threshold is not None
+            else {}
+        ),
     }
+
+
+def group_report(
+    groups: Sequence[str], y_true: npt.ArrayLike, probabilities: npt.ArrayLike, labels: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per group (e.g. the source collection that played the unseen hospital): size, accuracy and the
+    recall of each label present in it."""
+    truth = np.asarray(y_true, dtype=np.int64)
+    predicted = np.asarray(probabilities).argmax(axis=1)
+    names = np.asarray(groups, dtype=object)
+    out: dict[str, dict[str, Any]] = {}
+    for group in sorted(set(names.tolist())):
+        rows = names == group
+        t, p = truth[rows], predicted[rows]
+        out[str(group)] = {
+            "n": int(rows.sum()),
+            "accuracy": float((t == p).mean()),
+            "recall": {labels[c]: float((p[t == c] == c).mean()) for c in sorted(set(t.tolist()))},
+        }
+    return out
+
+
+def plot_risk_coverage(
+    probabilities: npt.ArrayLike, y_true: npt.ArrayLike, path: Path, *, threshold: float | None = None
+) -> Path:
+    """PNG risk–coverage curve: accuracy of the images routed automatically against the share routed,
+    with the review threshold marked, so the price of each point of accuracy is visible."""
+    from matplotlib.figure import Figure
+
+    curve = risk_coverage(probabilities, y_true)
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(curve["coverage"], curve["accuracy"], color="tab:blue", label="auto-routed accuracy")
+    if threshold is not None:
+        point = at_threshold(probabilities, y_true, threshold)
+        ax.scatter(
+            [point["coverage"]],
+            [point["auto_routed_accuracy"]],
+            color="tab:red",
+            zorder=3,
+            label=f"review below {threshold:.2f}: coverage {point['coverage']:.2f}, "
+            f"accuracy {point['auto_routed_accuracy']:.3f}",
+        )
+    ax.axhline(0.99, linestyle="--", color="grey", linewidth=0.8)
+    ax.set_xlabel("coverage (share routed without review)")
+    ax.set_ylabel("accuracy of auto-routed images")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(max(0.0, min(curve["accuracy"] or [0.0]) - 0.05), 1.005)
+    ax.legend(loc="lower left", fontsize="small")
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def plot_confusion_matrix(cm: npt.ArrayLike, labels: Sequence[str], path: Path) -> Path:

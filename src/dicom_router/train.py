@@ -10,12 +10,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from pydantic import BaseModel, ConfigDict
 from rich.progress import Progress
+from timm.models import group_parameters
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -23,7 +25,8 @@ from dicom_router import LABELS
 from dicom_router.data import CachedImages, XrayDataset, class_weights
 from dicom_router.evaluate import confusion_matrix, macro_f1
 from dicom_router.inference import PreprocessConfig
-from dicom_router.models import BodyPartNet
+from dicom_router.models import BodyPartNet, Scorer
+from dicom_router.weights import Weights
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,15 @@ class TrainConfig(BaseModel):
     image_size: int = 256
     batch_size: int = 32
     lr: float = 1e-3
-    """The paper fine-tunes at 1e-4 from ImageNet weights; from scratch (no hub here) 1e-3 learns."""
+    """Learning rate of the head (and of a backbone trained from scratch)."""
+    backbone_lr_scale: float = 1.0
+    """The backbone's learning rate relative to ``lr``: below 1 fine-tunes pretrained features gently
+    (the paper fine-tunes at 1e-4)."""
+    warmup_epochs: int = 0
+    """Epochs that train the head alone on a frozen backbone before the whole net is tuned."""
+    frozen_stages: int = 0
+    """Leading parameter groups of the backbone (stem first, then stages, timm's ``group_matcher``) that
+    stay frozen throughout: generic low-level features, and a cheaper backward pass."""
     weight_decay: float = 1e-4
     restart_epochs: int = 10
     """T_0 of cosine annealing with warm restarts, in epochs."""
@@ -49,10 +60,15 @@ class TrainConfig(BaseModel):
     """Fuse de-identified header features with the image embedding."""
     balanced: bool = True
     augment: bool = True
+    views: bool = False
+    """Stronger augmentation that mimics other sites and views (see ``data.augment``)."""
     pretrained: bool = False
+    """Start the backbone from ImageNet weights (``weights.resolve``): a usage error when none is found."""
+    init_weights: str | None = None
+    """A weights file or folder to initialise from (implies ``pretrained``)."""
     pretrain_synthetic: int = 0
-    """Synthetic images to pretrain the backbone on first (0: none); no weights can be downloaded here,
-    and synthetic anatomy is the legitimate prior available."""
+    """Synthetic images to pretrain the backbone on first (0: none), after ImageNet initialisation when
+    ``pretrained``."""
     pretrain_epochs: int = 10
     equalize: bool = False
     """Histogram-equalise images in preprocessing (see PreprocessConfig)."""
@@ -90,19 +106,62 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def predict_probabilities(
-    net: BodyPartNet, cached: CachedImages, *, batch_size: int = 64
-) -> npt.NDArray[np.float32]:
-    """Softmax outputs of a torch model on cached images (validation during training)."""
-    net.eval()
-    dev = next(net.parameters()).device
-    out = []
+def predict_scores(
+    model: BodyPartNet | Scorer, cached: CachedImages, *, batch_size: int = 64
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Log-probability scores (members and flips averaged, not yet tempered) and embeddings of a torch
+    model on cached images: validation, cross-validation and calibration."""
+    scorer = model if isinstance(model, Scorer) else Scorer([model])
+    scorer.eval()
+    dev = next(scorer.parameters()).device
+    uses_meta = any(m.meta is not None for m in scorer.members)
+    scores, embeddings = [], []
     loader = DataLoader(XrayDataset(cached, train=False), batch_size=batch_size)
     with torch.no_grad():
         for images, meta, _ in loader:
-            logits, _ = net(images.to(dev), meta.to(dev) if net.meta is not None else None)
-            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
+            s, e = scorer.logits(images.to(dev), meta.to(dev) if uses_meta else None)
+            scores.append(s.float().cpu().numpy())
+            embeddings.append(e.float().cpu().numpy())
+    if not scores:
+        return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(scores), np.concatenate(embeddings)
+
+
+def freeze_stages(backbone: nn.Module, stages: int) -> None:
+    """Freeze the stem and leading stages (``stages`` of timm's coarse parameter groups) for good."""
+    if stages <= 0:
+        return
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise ValueError(f"{type(backbone).__name__} has no parameter groups: cannot freeze stages")
+    groups = group_parameters(backbone, matcher(coarse=True))
+    frozen = {name for index, names in groups.items() if int(index) < stages for name in names}
+    for name, parameter in backbone.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+
+
+def _keep_frozen_statistics(module: nn.Module) -> None:
+    """BatchNorm layers whose parameters are all frozen keep their running statistics."""
+    for layer in module.modules():
+        params = list(layer.parameters(recurse=False))
+        if (
+            isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            and params
+            and not any(p.requires_grad for p in params)
+        ):
+            layer.eval()
+
+
+def _parameter_groups(net: BodyPartNet, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable backbone at ``lr * backbone_lr_scale``, the head (and header features) at ``lr``."""
+    backbone = [p for p in net.backbone.parameters() if p.requires_grad]
+    ids = {id(p) for p in net.backbone.parameters()}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    return [
+        {"params": backbone, "lr": config.lr * config.backbone_lr_scale},
+        {"params": rest, "lr": config.lr},
+    ]
 
 
 def train_candidate(
@@ -113,18 +172,23 @@ def train_candidate(
     *,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    init: Weights | None = None,
     backbone_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation macro-F1; the best weights are kept and returned.
 
-    ``backbone_state`` starts the backbone from earlier training (synthetic pretraining).
+    ``init`` is the ImageNet initialisation (``weights.resolve``); ``backbone_state`` starts the
+    backbone from earlier training instead (synthetic pretraining). The first ``warmup_epochs`` train
+    the head alone on the frozen backbone.
     """
     seed_everything(config.seed)
     dev = device()
     cuda = dev.type == "cuda"
-    net = BodyPartNet(config.arch, metadata=config.metadata, pretrained=config.pretrained)
+    net = BodyPartNet(config.arch, metadata=config.metadata, init=init)
     if backbone_state is not None:
         net.backbone.load_state_dict(backbone_state)
+    freeze_stages(net.backbone, config.frozen_stages)
+    trainable = {name for name, p in net.backbone.named_parameters() if p.requires_grad}
     net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
@@ -134,26 +198,33 @@ def train_candidate(
         generator = torch.Generator().manual_seed(config.seed)
         sampler = WeightedRandomSampler(weights, num_samples=len(train.keys), generator=generator)
     loader = DataLoader(
-        XrayDataset(train, train=config.augment, seed=config.seed),
+        XrayDataset(train, train=config.augment, seed=config.seed, views=config.views),
         batch_size=config.batch_size,
         sampler=sampler,
         shuffle=sampler is None,
         drop_last=len(train.keys) > config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = min(config.warmup_epochs, config.epochs - 1)
+    groups = _parameter_groups(net, config)
+    optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=max(1, config.restart_epochs * len(loader))
     )
+    head = torch.optim.Adam(groups[1]["params"], lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     loss_fn = nn.CrossEntropyLoss()
     best, best_epoch, stale = -1.0, 0, 0
     history: list[dict[str, float]] = []
     seen, train_seconds = 0, 0.0
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"train {config.arch}", total=config.epochs * len(loader))
+        task = bar.add_task(f"train {config.name}", total=config.epochs * len(loader))
         for epoch in range(1, config.epochs + 1):
+            frozen = epoch <= warmup
             net.train()
+            for name, parameter in net.backbone.named_parameters():
+                parameter.requires_grad_(not frozen and name in trainable)
+            _keep_frozen_statistics(net.backbone)
             total_loss, batches, start = 0.0, 0, time.perf_counter()
             for images, meta, labels in loader:
                 images = images.to(dev, non_blocking=True)
@@ -162,31 +233,34 @@ def train_candidate(
                 with torch.autocast(dev.type, enabled=cuda):
                     logits, _ = net(images, meta.to(dev) if config.metadata else None)
                     loss = loss_fn(logits.float(), labels.to(dev))
-                optimizer.zero_grad(set_to_none=True)
+                step = head if frozen else optimizer
+                step.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.step(optimizer)
+                scaler.step(step)
                 scaler.update()
-                scheduler.step()
+                if not frozen:
+                    scheduler.step()
                 total_loss += float(loss.detach())
                 batches += 1
                 seen += len(labels)
                 bar.advance(task)
             train_seconds += time.perf_counter() - start
-            probabilities = predict_probabilities(net, val)
-            val_f1 = macro_f1(confusion_matrix(val.labels, probabilities.argmax(axis=1), len(LABELS)))
+            scores, _ = predict_scores(net, val)
+            val_f1 = macro_f1(confusion_matrix(val.labels, scores.argmax(axis=1), len(LABELS)))
             metrics = {"train_loss": total_loss / max(batches, 1), "val_macro_f1": val_f1}
             history.append(metrics)
             if on_epoch:
                 on_epoch(epoch, metrics)
-            log.info("%s epoch %d: loss %.4f, val macro-F1 %.4f", config.arch, epoch, *metrics.values())
+            log.info("%s epoch %d: loss %.4f, val macro-F1 %.4f", config.name, epoch, *metrics.values())
             if val_f1 > best:
                 best, best_epoch, stale = val_f1, epoch, 0
                 torch.save(net.state_dict(), checkpoint)
-            else:
+            elif not frozen:
                 stale += 1
                 if stale >= config.patience:
-                    log.info("%s: early stop after epoch %d (best %d)", config.arch, epoch, best_epoch)
+                    log.info("%s: early stop after epoch %d (best %d)", config.name, epoch, best_epoch)
                     break
+    net.requires_grad_(True)
     net.load_state_dict(torch.load(checkpoint, map_location=dev))
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     return TrainResult(net, best_epoch, best, history, seen / max(train_seconds, 1e-9))
