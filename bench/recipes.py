@@ -6,13 +6,14 @@ all together, without and with flip TTA), every row temperature-scaled on the fo
 macro-F1 with its 95% bootstrap CI, every class's recall, ECE, and the review threshold that keeps
 auto-routed accuracy at 99% with the coverage it leaves. Runs are logged to MLflow (DATA_DIR's store).
 
-    .venv/bin/python bench/recipes.py --recipe pretrained [--recipe scratch ...] [--folds 3|loo]
+    .venv/bin/python bench/recipes.py --recipe fine-tune [--recipe scratch ...] [--folds 3|loo]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,33 +21,39 @@ from typing import Any
 
 from dicom_router.candidates import cross_validate, cv_table, load_labelled
 from dicom_router.config import Settings
-from dicom_router.train import TrainConfig
+from dicom_router.train import recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIONS = REPO / "training" / "shared-collections.csv"
-FINE_TUNE: dict[str, Any] = {
-    "image_size": 224,
-    "epochs": 12,
-    "patience": 6,
-    "pretrained": True,
-    "warmup_epochs": 2,
-    "backbone_lr_scale": 0.1,
-    "frozen_stages": 2,
-    "views": True,
-    "equalize": True,
-}
-RECIPES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     # the former make train-real without its synthetic pretraining: a small CNN from scratch
-    "scratch": (("resnet18",), {"image_size": 128, "epochs": 30, "patience": 15, "equalize": True}),
-    "pretrained": (("tf_efficientnet_lite0", "mobilenetv2_100"), FINE_TUNE),
-    "pretrained-light-augment": (("tf_efficientnet_lite0", "mobilenetv2_100"), {**FINE_TUNE, "views": False}),
-    "pretrained-synthetic": (
-        ("tf_efficientnet_lite0",),
-        {**FINE_TUNE, "pretrain_synthetic": 1000, "pretrain_epochs": 3},
+    "scratch": (
+        ("resnet18",),
+        "scratch",
+        {"image_size": 128, "epochs": 30, "patience": 15, "equalize": True},
     ),
-    "pretrained-lite2": (("tf_efficientnet_lite2",), FINE_TUNE),
-    "pretrained-mobilenetv1": (("mobilenetv1_100",), FINE_TUNE),
+    "fine-tune": (("tf_efficientnet_lite0", "mobilenetv2_100"), "fine-tune", {}),
+    "fine-tune-light-augment": (("tf_efficientnet_lite0",), "fine-tune", {"views": False}),
+    "fine-tune-lite0": (("tf_efficientnet_lite0",), "fine-tune", {}),
+    "fine-tune-synthetic": (
+        ("tf_efficientnet_lite0",),
+        "fine-tune",
+        {"pretrain_synthetic": 1000, "pretrain_epochs": 3},
+    ),
+    "fine-tune-shallower": (
+        ("tf_efficientnet_lite0", "mobilenetv2_100"),
+        "fine-tune",
+        {"frozen_stages": 2, "backbone_lr_scale": 0.1},
+    ),
+    "fine-tune-frozen4": (
+        ("tf_efficientnet_lite0", "mobilenetv2_100"),
+        "fine-tune",
+        {"frozen_stages": 4, "backbone_lr_scale": 0.1},
+    ),
+    "fine-tune-lite2": (("tf_efficientnet_lite2",), "fine-tune", {}),
+    "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
 }
+"""name → (architectures, library recipe, overrides)."""
 
 
 def main() -> int:
@@ -58,6 +65,8 @@ def main() -> int:
     parser.add_argument("--group-by", default="collection")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     settings = Settings()
     folders = [settings.shared_dir / name for name in ("xray-real", "xray-more")]
     missing = [str(f) for f in folders if not (f / "labels.csv").is_file()]
@@ -70,8 +79,8 @@ def main() -> int:
     print("| recipe | variant | macro-F1 [95% CI] | min recall | ECE | threshold | coverage at 99% |")
     print("|---|---|---|---|---|---|---|")
     for name in args.recipe:
-        archs, overrides = RECIPES[name]
-        configs = [TrainConfig(arch=arch, **overrides) for arch in archs]
+        archs, recipe, overrides = RECIPES[name]
+        configs = [recipe_config(recipe, arch=arch, **overrides) for arch in archs]
         start = time.perf_counter()
         reports = cross_validate(
             settings, labelled, configs, group_by=args.group_by, folds=folds, progress=False

@@ -10,12 +10,13 @@
 
 Files: ../shared/xray-real (real radiographs) when present, else synthetic.
 
-    .venv/bin/python bench/routing.py [--rounds 3] [--image-size 256]
+    .venv/bin/python bench/routing.py [--rounds 3] [--image-size 256] [--bundle DIR] [--only routed]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sqlite3
 import statistics
@@ -164,6 +165,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--only", choices=("hook", "server", "routed"), help="Run one of the three")
+    parser.add_argument(
+        "--bundle", type=Path, help="A model bundle directory to serve (default: an untrained ResNet-18)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -175,9 +179,10 @@ def main() -> None:
             synthesize(source, 200, seed=1)
         print(f"files: {source} ({len(list(source.rglob('*.dcm')))} DICOM)")
         torch.manual_seed(0)
-        bundle_dir = export_bundle(
+        bundle_dir = args.bundle or export_bundle(
             BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=args.image_size), {}, work / "bundle"
         )
+        print(f"model: {json.loads((bundle_dir / 'card.json').read_text()).get('arch')} ({bundle_dir})")
         settings = settings.model_copy(update={"model_uri": str(bundle_dir)})
         os.environ["DICOM_ROUTER_MODEL_URI"] = str(bundle_dir)
         try:

@@ -6,11 +6,13 @@
 from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
-def preprocess(catalog: Input[Dataset], image_size: int, cache: Output[Dataset]) -> None:
+def preprocess(catalog: Input[Dataset], image_size: int, recipe: str, cache: Output[Dataset]) -> None:
     """Decode every labelled image once into the shared cache (the manifest says where)."""
     from dicom_router import pipeline
 
-    pipeline.preprocess(catalog.path, cache.path, pipeline.step_settings(), image_size=image_size)
+    pipeline.preprocess(
+        catalog.path, cache.path, pipeline.step_settings(), image_size=image_size, recipe=recipe
+    )
 
 
 def train(
@@ -21,12 +23,14 @@ def train(
     image_size: int,
     batch_size: int,
     seed: int,
+    recipe: str,
+    tta: bool,
     mlflow_tracking_uri: str,
     model: Output[Model],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
 ) -> None:
-    """Train one architecture (one MLflow run); its bundle is the model artifact."""
+    """Train one candidate (an architecture, or an ensemble ``a+b``); its bundle is the model artifact."""
     from dicom_router import LABELS, pipeline
 
     summary = pipeline.train_one(
@@ -39,8 +43,10 @@ def train(
         image_size=image_size,
         batch_size=batch_size,
         seed=seed,
+        recipe=recipe,
+        tta=tta,
     )
-    model.metadata.update({"arch": arch, "run_id": summary["run_id"]})
+    model.metadata.update({"arch": summary["arch"], "run_id": summary["run_id"]})
     for name, value in pipeline.metrics_of(summary["report"]).items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(list(LABELS), summary["report"]["confusion_matrix"])

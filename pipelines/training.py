@@ -33,10 +33,12 @@ def build(base_image: str, resources: Resources) -> Any:
         labels_uri: str = "",
         catalog_uri: str = "",
         archs: list[str] = ["mobilenetv2_100", "resnet18", "efficientnet_b0"],  # noqa: B006 (KFP default)
-        epochs: int = 30,
-        image_size: int = 256,
+        epochs: int = 0,
+        image_size: int = 0,
         batch_size: int = 32,
         seed: int = 0,
+        recipe: str = "scratch",
+        tta: bool = False,
         objects_per_shard: int = 2000,
         max_shards: int = 16,
         mlflow_tracking_uri: str = "",
@@ -50,11 +52,13 @@ def build(base_image: str, resources: Resources) -> Any:
             source: DICOM objects, ``s3://bucket/prefix``.
             labels_uri: ``labels.csv`` (file,label[,...]); empty means ``<source>/labels.csv``.
             catalog_uri: also write the merged catalog (+ ``.qa.json``) here; empty: only the artifact.
-            archs: timm architectures to train, one GPU task each.
-            epochs: training epochs per candidate.
-            image_size: input size in pixels.
+            archs: timm architectures to train, one GPU task each; ``a+b`` trains an ensemble.
+            epochs: training epochs per candidate; 0: the recipe's.
+            image_size: input size in pixels; 0: the recipe's.
             batch_size: training batch size.
             seed: split, sampling and weight seed (one split shared by all candidates).
+            recipe: named training recipe: ``scratch`` or ``fine-tune`` (ImageNet weights, warm-up, ...).
+            tta: bundles average each image with its mirror image.
             objects_per_shard: ingest fan-out: one shard per this many objects.
             max_shards: ingest fan-out: at most this many shards.
             mlflow_tracking_uri: MLflow tracking server; empty means the deployment's.
@@ -82,7 +86,7 @@ def build(base_image: str, resources: Resources) -> Any:
         )
         catalog = merged.outputs["catalog"]
         cache = pod(
-            c.preprocess(catalog=catalog, image_size=image_size),
+            c.preprocess(catalog=catalog, image_size=image_size, recipe=recipe),
             cpu=resources.cpu,
             memory=resources.memory,
         )
@@ -96,6 +100,8 @@ def build(base_image: str, resources: Resources) -> Any:
                     image_size=image_size,
                     batch_size=batch_size,
                     seed=seed,
+                    recipe=recipe,
+                    tta=tta,
                     mlflow_tracking_uri=mlflow_tracking_uri,
                 ),
                 cpu=resources.train_cpu,

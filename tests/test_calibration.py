@@ -58,6 +58,13 @@ def test_the_threshold_for_a_target_accuracy_keeps_as_much_coverage_as_it_allows
     report = abstention_report(p, y, threshold=0.5, target=0.99)
     assert report["at_review_threshold"]["coverage"] == 1.0
     assert report["at_threshold_for_target"]["auto_routed_accuracy"] == 1.0
+    assert report["risk_coverage"]["coverage"][-1] == 1.0
+    assert len(report["risk_coverage"]["threshold"]) == len(p)
+    thinned = abstention_report(np.tile(p, (40, 1)), np.tile(y, 40), threshold=0.5, points=10)
+    assert (
+        10 <= len(thinned["risk_coverage"]["coverage"]) <= 11
+        and thinned["risk_coverage"]["coverage"][-1] == 1.0
+    )
 
 
 def test_tied_confidences_are_kept_or_dropped_together() -> None:

@@ -116,3 +116,19 @@ def test_grouped_folds_keep_each_source_of_a_multi_source_label_in_one_fold() ->
     assert chest.groupby("source")["fold"].first().nunique() == 3
     spine = where[where["label"] == "spine"]
     assert sorted(spine["fold"].value_counts()) == [4, 4, 4]
+
+
+def test_a_label_nearly_all_from_one_source_is_split_by_image_so_every_fold_can_learn_it() -> None:
+    frame = pd.DataFrame(
+        {
+            "sop_uid_hash": [f"i{n}" for n in range(24)],
+            "label": ["others"] * 12 + ["spine"] * 12,
+            "source": ["fracture"] * 6 + ["skull"] * 4 + ["mura"] * 2 + ["cadma"] * 11 + ["c2c7"],
+        }
+    )
+    folds = grouped_folds(frame, "source", 3, seed=0)
+    where = frame.assign(fold=frame["sop_uid_hash"].map(folds))
+    spine = where[where["label"] == "spine"]
+    assert sorted(spine["fold"].value_counts()) == [4, 4, 4]  # cadma (11 of 12) is not one fold
+    others = where[where["label"] == "others"]
+    assert (others.groupby("source")["fold"].nunique() == 1).all()  # no source above 2/3: grouped

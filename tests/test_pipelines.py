@@ -30,7 +30,7 @@ from dicom_router.pipeline import (
     read_ingest_result,
     run_local,
 )
-from dicom_router.registry import connect, history
+from dicom_router.registry import connect, history, load_bundle
 from dicom_router.storage import S3Store, open_store, s3_connection
 from dicom_router.synth import synthesize
 
@@ -193,8 +193,8 @@ def test_settings_reach_step_subprocesses_through_the_environment(
     assert Settings() == settings
 
 
-def test_local_training_pipeline_catalogs_trains_registers_promotes_and_writes_the_manifest(
-    s3_settings: Settings, tmp_path: Path
+def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promotes_and_deploys(
+    s3_settings: Settings, tmp_path: Path, shared_dir: Path
 ) -> None:
     conn = s3_connection(s3_settings)
     settings = Settings(
@@ -204,6 +204,7 @@ def test_local_training_pipeline_catalogs_trains_registers_promotes_and_writes_t
         s3_secret_access_key=conn.secret_access_key,
         gate_floor=0.0,
         workers=1,
+        weights_dir=shared_dir / "weights",
     )
     synthesize(tmp_path / "synth", 40, sites=2, seed=11, long_side_px=48)
     bucket = settings.s3_bucket
@@ -218,10 +219,12 @@ def test_local_training_pipeline_catalogs_trains_registers_promotes_and_writes_t
         {
             "source": f"s3://{bucket}/pipeline-test/raw",
             "catalog_uri": f"s3://{bucket}/pipeline-test/catalog.parquet",
-            "archs": ["mobilenetv2_100", "resnet18"],
-            "epochs": 1,
+            "archs": ["tf_efficientnet_lite0", "tf_efficientnet_lite0+mobilenetv2_100"],
+            "epochs": 2,
             "image_size": 32,
             "batch_size": 16,
+            "recipe": "fine-tune",
+            "tta": True,
             "objects_per_shard": 20,
         },
         settings,
@@ -248,6 +251,10 @@ def test_local_training_pipeline_catalogs_trains_registers_promotes_and_writes_t
     version = client.get_model_version("bodypart-router", "1")
     assert version.tags["role"] == "candidate" and version.tags["pipeline"] == "training"
     assert version.tags["arch"] == run.task_outputs["evaluate"]["Output"]
+    bundle = load_bundle(settings, "models:/bodypart-router/1")
+    assert bundle.card["tta"] is True  # the recipe ran: ImageNet weights, flips in the graph
+    members = bundle.card.get("members", [bundle.card])
+    assert all(m["init_source"].startswith(("package:", "file:")) for m in members)
     assert str(client.get_model_version_by_alias("bodypart-router", "champion").version) == "1"
     assert [d["candidate"]["version"] for d in history(settings)] == ["1"]
 

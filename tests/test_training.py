@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dicom_router import LABELS
-from dicom_router.candidates import cross_validate, load_labelled
+from dicom_router.calibration import fit_temperature
+from dicom_router.candidates import cross_fitted, cross_validate, load_labelled
 from dicom_router.config import Settings
 from dicom_router.data import leave_one_group_out
 from dicom_router.inference import (
@@ -87,6 +88,9 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     bundle = Bundle(settings.data_dir / "models" / "bodypart-router" / "1")
     assert report["n"] == len(bundle.card["test_items"])
     assert np.asarray(report["confusion_matrix"]).shape == (5, 5)
+    at_rules = report["abstention"]["at_review_threshold"]
+    assert at_rules["threshold"] == 0.5  # the example rules' review.below_confidence
+    assert at_rules["auto_routed"] == pytest.approx(at_rules["coverage"] * report["n"])
 
     second = _json(*train, "--fusion", "--seed", "0")
     assert [c["metadata"] for c in second] == [False, True]
@@ -274,3 +278,20 @@ def test_equalisation_spreads_grey_levels_and_keeps_padding_black() -> None:
         PreprocessConfig(image_size=64, equalize=True).fingerprint()
         != PreprocessConfig(image_size=64).fingerprint()
     )
+
+
+def test_cross_fitted_calibration_never_fits_a_fold_on_its_own_labels() -> None:
+    rng = np.random.default_rng(0)
+    scores = [rng.normal(0.0, 4.0, (60, 5)).astype(np.float32) for _ in range(3)]
+    truth = [s.argmax(axis=1) for s in scores]
+    truth[2] = rng.integers(0, 5, 60)  # a fold where the model is guessing
+    probabilities, temperatures = cross_fitted(scores, truth)
+    assert probabilities.shape == (180, 5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    for k in range(3):
+        rest = [i for i in range(3) if i != k]
+        expected = fit_temperature(
+            np.concatenate([scores[i] for i in rest]), np.concatenate([truth[i] for i in rest])
+        )
+        assert temperatures[k] == pytest.approx(expected)
+    assert temperatures[2] < temperatures[0]  # fitted without the guessing fold: sharper

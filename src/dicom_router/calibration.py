@@ -110,14 +110,24 @@ def threshold_for(probabilities: npt.ArrayLike, labels: npt.ArrayLike, *, target
 
 
 def abstention_report(
-    probabilities: npt.ArrayLike, labels: npt.ArrayLike, *, threshold: float, target: float = 0.99
+    probabilities: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    threshold: float,
+    target: float = 0.99,
+    points: int = 50,
 ) -> dict[str, Any]:
-    """The ``abstention`` part of an evaluation report: at the given review threshold, and the threshold
-    that reaches ``target`` auto-routed accuracy on these images."""
+    """The ``abstention`` part of an evaluation report: at the given review threshold, the threshold
+    that reaches ``target`` auto-routed accuracy on these images, and the risk–coverage curve (about
+    ``points`` points, the full coverage last)."""
     chosen = threshold_for(probabilities, labels, target=target)
+    curve = risk_coverage(probabilities, labels)
+    step = max(1, len(curve["threshold"]) // points)
+    keep = sorted({*range(step - 1, len(curve["threshold"]), step), len(curve["threshold"]) - 1} - {-1})
     return {
         "at_review_threshold": at_threshold(probabilities, labels, threshold),
         "target_accuracy": target,
         "threshold_for_target": chosen,
         "at_threshold_for_target": at_threshold(probabilities, labels, chosen),
+        "risk_coverage": {key: [values[i] for i in keep] for key, values in curve.items()},
     }

@@ -261,7 +261,8 @@ class _Shared:
     parts: dict[str, CachedImages]
     experiment_id: str
     register: bool
-    review_thresholds: dict[str, float]
+    calibration: dict[str, dict[str, float]]
+    """By candidate name, from cross-validation: ``temperature`` and ``review_threshold``."""
 
 
 def _publish(
@@ -272,10 +273,14 @@ def _publish(
     card: dict[str, Any],
     work: Path,
 ) -> tuple[dict[str, Any], str | None]:
-    """Fit the temperature on validation, export the bundle, score it on the test split through ONNX
+    """Calibrate (the temperature cross-validation found for this candidate, else one fitted on
+    validation that may only soften), export the bundle, score it on the test split through ONNX
     Runtime, log bundle, metrics and plots to the active run and (optionally) register it."""
-    val_scores, _ = predict_scores(scorer, shared.parts["val"])
-    temperature = fit_temperature(val_scores, shared.parts["val"].labels)
+    calibration = shared.calibration.get(scorer.name, {})
+    temperature = calibration.get("temperature")
+    if temperature is None:
+        val_scores, _ = predict_scores(scorer, shared.parts["val"])
+        temperature = fit_temperature(val_scores, shared.parts["val"].labels, bounds=(1.0, 20.0))
     scorer.temperature.fill_(temperature)
     facts = {
         "data_fingerprint": shared.labelled.fingerprint,
@@ -284,8 +289,9 @@ def _publish(
         **{f"n_{part}": len(images.keys) for part, images in shared.parts.items()},
     }
     mlflow.log_params({**params, **facts, "temperature": f"{temperature:.4f}"})
+    mlflow.log_param("temperature_from", "cross-validation" if "temperature" in calibration else "validation")
     mlflow.log_dict(json.loads(shared.split.to_json()), "split.json")
-    threshold = shared.review_thresholds.get(scorer.name)
+    threshold = calibration.get("review_threshold")
     card = {
         **facts,
         **card,
@@ -332,14 +338,15 @@ def train_candidates(
     register: bool,
     ensemble: bool = False,
     tta: bool = False,
-    review_thresholds: dict[str, float] | None = None,
+    calibration: dict[str, dict[str, float]] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[Candidate], list[DicomInputError]]:
     """Train each configuration on one shared split and cache, then publish each member (and, with
     ``ensemble``, all members as one bundle) as a candidate: one MLflow run each, optionally registered.
 
-    ``review_thresholds`` (by candidate name, from cross-validation) go into each bundle's card."""
+    ``calibration`` (by candidate name, from cross-validation: ``temperature``, ``review_threshold``)
+    calibrates each bundle and goes into its card."""
     split = split_examples(labelled.frame, seed=seed)
     if ensemble:
         _check_ensemble(configs)
@@ -357,7 +364,7 @@ def train_candidates(
             {name: cached.select(split.of(name)) for name in ("train", "val", "test")},
             experiment(settings, CANDIDATES_EXPERIMENT),
             register,
-            review_thresholds or {},
+            calibration or {},
         )
         name = Variant((0,), tta).name([config])
         with (
@@ -473,6 +480,30 @@ def synthetic_backbone(
     return state
 
 
+def cross_fitted(
+    scores: Sequence[npt.NDArray[np.float32]], truth: Sequence[npt.NDArray[np.int64]]
+) -> tuple[npt.NDArray[np.float64], list[float]]:
+    """Pooled calibrated probabilities of cross-validation folds: fold k's scores divided by the
+    temperature fitted on every other fold's (held-out, other-source) scores and labels.
+
+    A temperature fitted on a fold's own validation images (same sources as its training) says nothing
+    about a new hospital: the model is nearly always right there, and the fit sharpens the
+    probabilities exactly where they should soften."""
+    out, temperatures = [], []
+    for k, fold in enumerate(scores):
+        rest = [i for i in range(len(scores)) if i != k]
+        temperature = (
+            fit_temperature(
+                np.concatenate([scores[i] for i in rest]), np.concatenate([truth[i] for i in rest])
+            )
+            if rest
+            else 1.0
+        )
+        temperatures.append(temperature)
+        out.append(scaled(fold, temperature))
+    return np.concatenate(out), temperatures
+
+
 def cv_folds(frame: pd.DataFrame, column: str, folds: int | None, *, seed: int) -> dict[str, int]:
     """Fold of each instance: ``folds`` folds grouped by ``column``, or (None) leave-one-group-out:
     one fold per group of a label that has several, so each collection in turn is the unseen one."""
@@ -493,10 +524,11 @@ def cross_validate(
 ) -> dict[str, dict[str, Any]]:
     """Group-wise cross-validation (e.g. by public collection): every image is tested once by models
     that never saw its group. Each fold trains every member once; each variant (member alone or all
-    together, without and with flip TTA) is temperature-scaled on the fold's validation images. The
+    together, without and with flip TTA) is temperature-scaled by cross-fitting (each fold's temperature
+    is fitted on the other folds' held-out groups, so calibration too is judged on unseen sources). The
     pooled predictions give one report per variant (per-class, per-group, risk–coverage and the review
-    threshold for 99% auto-routed accuracy), logged as nested MLflow runs. ``folds=None``: one fold
-    per group (leave one source out)."""
+    threshold for 99% auto-routed accuracy, the temperature for the final model), logged as nested
+    MLflow runs. ``folds=None``: one fold per group (leave one source out)."""
     if group_by not in labelled.frame.columns:
         raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
     preprocess = _check_ensemble(configs)
@@ -510,8 +542,7 @@ def cross_validate(
     chosen = all_variants(len(configs))
     truth: list[npt.NDArray[np.int64]] = []
     groups: list[str] = []
-    pooled: dict[Variant, list[npt.NDArray[np.float64]]] = {v: [] for v in chosen}
-    temperatures: dict[Variant, list[float]] = {v: [] for v in chosen}
+    raw: dict[Variant, list[npt.NDArray[np.float32]]] = {v: [] for v in chosen}
     label = "loo" if folds is None else str(folds)
     names = "+".join(c.name for c in configs)
     experiment_id = experiment(settings, CANDIDATES_EXPERIMENT)
@@ -529,7 +560,6 @@ def cross_validate(
             inner = split_examples(rest, seed=seed + fold, fractions=(0.85, 0.15, 0.0))
             train_keys = [k for k, s in inner.assignment.items() if s != "val"]
             val, test = cached.select(inner.of("val")), cached.select(test_keys)
-            val_scores: list[MemberScores] = []
             test_scores: list[MemberScores] = []
             for config in configs:
                 init = initial_weights(settings, config)
@@ -542,17 +572,12 @@ def cross_validate(
                     init=init,
                     backbone_state=synthetic_backbone(settings, config, init, progress=progress),
                 )
-                val_scores.append(MemberScores.of(result.net, val))
                 test_scores.append(MemberScores.of(result.net, test))
             for variant in chosen:
-                temperature = fit_temperature(combine(variant, val_scores), val.labels)
-                temperatures[variant].append(temperature)
-                pooled[variant].append(scaled(combine(variant, test_scores), temperature))
+                raw[variant].append(combine(variant, test_scores))
             truth.append(test.labels)
             groups.extend(group_of[k] for k in test.keys)
-            fold_f1 = macro_f1(
-                confusion_matrix(test.labels, pooled[chosen[-1]][-1].argmax(axis=1), len(LABELS))
-            )
+            fold_f1 = macro_f1(confusion_matrix(test.labels, raw[chosen[-1]][-1].argmax(axis=1), len(LABELS)))
             mlflow.log_metric("fold_macro_f1", fold_f1, step=fold)
             log.info(
                 "cv fold %d/%d (%d test images): macro-F1 %.4f", fold + 1, n_folds, len(test.keys), fold_f1
@@ -560,14 +585,15 @@ def cross_validate(
         y = np.concatenate(truth)
         reports: dict[str, dict[str, Any]] = {}
         for variant in chosen:
-            probabilities = np.concatenate(pooled[variant])
+            probabilities, temperatures = cross_fitted(raw[variant], truth)
             name = variant.name(configs)
             report = evaluation_report(y, probabilities, LABELS, 0.0)
             report["abstention"] = abstention_report(
                 probabilities, y, threshold=threshold_for(probabilities, y)
             )
             report["per_group"] = group_report(groups, y, probabilities, LABELS)
-            report["temperatures"] = temperatures[variant]
+            report["temperatures"] = temperatures
+            report["temperature"] = fit_temperature(np.concatenate(raw[variant]), y)
             reports[name] = report
             with mlflow.start_run(
                 experiment_id=experiment_id, run_name=f"cv-{group_by}-{label}-{name}", nested=True

@@ -228,6 +228,12 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
 
 
 @app.command()
+@click.option(
+    "--recipe",
+    default="scratch",
+    show_default=True,
+    help="Named defaults for the options below: scratch, or fine-tune (ImageNet weights, 224 px, warm-up…)",
+)
 @click.option("--catalog", help="Labelled catalog (ingest --labels output), local or s3://")
 @click.option(
     "--data",
@@ -293,7 +299,10 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
     "--folds", type=_Folds(), default="3", show_default=True, help="Folds for --cv-by, or loo (one per group)"
 )
 @click.option("--json", "as_json", is_flag=True, help="Candidates' test metrics as JSON")
+@click.pass_context
 def train(
+    ctx: click.Context,
+    recipe: str,
     catalog: str | None,
     data_dirs: tuple[str, ...],
     collections: Path | None,
@@ -323,32 +332,39 @@ def train(
 ) -> int:
     """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
     from dicom_router.candidates import cross_validate, initial_weights, load_labelled, train_candidates
-    from dicom_router.train import TrainConfig
+    from dicom_router.train import RECIPES, TrainConfig
     from dicom_router.weights import PretrainedUnavailable
 
     if (catalog is None) == (not data_dirs):
         raise click.UsageError("give exactly one of --catalog or --data")
+    if recipe not in RECIPES:
+        raise click.UsageError(f"no recipe {recipe!r}; known: {', '.join(RECIPES)}")
     settings = Settings()
+    given = {
+        "epochs": epochs,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "lr": lr,
+        "backbone_lr_scale": backbone_lr_scale,
+        "warmup_epochs": warmup_epochs,
+        "frozen_stages": frozen_stages,
+        "views": views,
+        "seed": seed,
+        "patience": patience,
+        "pretrained": pretrained or init_weights is not None,
+        "init_weights": init_weights,
+        "equalize": equalize,
+        "pretrain_synthetic": pretrain_synthetic,
+        "pretrain_epochs": pretrain_epochs,
+    }
+    # the recipe's values replace the options' defaults, never what the user gave
+    explicit = {
+        key: value
+        for key, value in given.items()
+        if ctx.get_parameter_source(key) not in (None, click.core.ParameterSource.DEFAULT)
+    }
     configs = [
-        TrainConfig(
-            arch=arch,
-            epochs=epochs,
-            image_size=image_size,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr_scale=backbone_lr_scale,
-            warmup_epochs=warmup_epochs,
-            frozen_stages=frozen_stages,
-            views=views,
-            seed=seed,
-            patience=patience,
-            metadata=meta,
-            pretrained=pretrained or init_weights is not None,
-            init_weights=init_weights,
-            equalize=equalize,
-            pretrain_synthetic=pretrain_synthetic,
-            pretrain_epochs=pretrain_epochs,
-        )
+        TrainConfig(**{**given, **RECIPES[recipe], **explicit}, arch=arch, metadata=meta)
         for arch in archs or ("mobilenetv1_100",)
         for meta in ((False, True) if fusion else (False,))
     ]
@@ -366,7 +382,10 @@ def train(
         if not as_json:
             for name, report in cv.items():
                 _print_report(f"{name}: {folds or 'leave-one-out'} folds grouped by {cv_by}", report)
-    thresholds = {name: r["abstention"]["threshold_for_target"] for name, r in cv.items()}
+    calibration = {
+        name: {"temperature": r["temperature"], "review_threshold": r["abstention"]["threshold_for_target"]}
+        for name, r in cv.items()
+    }
     candidates, errors = train_candidates(
         settings,
         labelled,
@@ -374,7 +393,7 @@ def train(
         register=register,
         ensemble=ensemble,
         tta=tta,
-        review_thresholds=thresholds,
+        calibration=calibration,
         seed=seed,
     )
     _report_errors(errors)
@@ -749,11 +768,13 @@ def pipeline_compile(name: str | None) -> int:
 @click.option("--prefix", help="DICOM objects, s3://bucket/prefix [default: s3://<bucket>/demo/raw]")
 @click.option("--labels", help="labels.csv [default: PREFIX/labels.csv]")
 @click.option("--catalog", help="Also write the merged catalog here (local path or s3://)")
-@click.option("--arch", "archs", multiple=True, help="timm architecture (repeatable)")
+@click.option("--arch", "archs", multiple=True, help="timm architecture, or an ensemble a+b (repeatable)")
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--image-size", type=click.IntRange(min=32))
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--seed", type=int)
+@click.option("--recipe", help="Training recipe: scratch or fine-tune (ImageNet weights, warm-up, ...)")
+@click.option("--tta", is_flag=True, default=None, help="Bundles average each image with its mirror image")
 @click.option("--objects-per-shard", type=click.IntRange(min=1), help="Ingest fan-out: objects per shard")
 @click.option("--max-shards", type=click.IntRange(min=1), help="Ingest fan-out: at most this many shards")
 @click.option("--gate-margin", type=click.FloatRange(min=0.0), help="Promotion gate's recall margin")
@@ -772,6 +793,8 @@ def pipeline_run(
     image_size: int | None,
     batch_size: int | None,
     seed: int | None,
+    recipe: str | None,
+    tta: bool | None,
     objects_per_shard: int | None,
     max_shards: int | None,
     gate_margin: float | None,
@@ -795,6 +818,8 @@ def pipeline_run(
         "image_size": image_size,
         "batch_size": batch_size,
         "seed": seed,
+        "recipe": recipe,
+        "tta": tta,
         "objects_per_shard": objects_per_shard,
         "max_shards": max_shards,
         "gate_margin": gate_margin,

@@ -296,45 +296,61 @@ def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     return weights
 
 
+MAX_GROUP_SHARE = 2.0 / 3.0
+"""A label's folds are grouped by source only when no source holds more than this share of its images:
+leaving the largest out must still leave the model examples of the label to learn from (a label whose
+images nearly all come from one collection is split by image, like a single-source label)."""
+
+
+def _grouped_labels(frame: pd.DataFrame, column: str) -> set[str]:
+    """Labels whose images come from several groups, none dominant (see MAX_GROUP_SHARE)."""
+    values = frame[column].fillna("(none)").astype(str)
+    shares = values.groupby(frame["label"]).value_counts(normalize=True)
+    return {str(label) for label, share in shares.groupby(level=0).max().items() if share <= MAX_GROUP_SHARE}
+
+
+def _deal_by_image(keys: list[str], k: int, rng: np.random.Generator, folds: dict[str, int]) -> None:
+    for i, index in enumerate(rng.permutation(len(keys))):
+        folds[keys[index]] = i % k
+
+
 def grouped_folds(frame: pd.DataFrame, column: str, k: int, *, seed: int) -> dict[str, int]:
     """Fold (0..k-1) of each instance: for a label with several values of ``column`` (e.g. the public
     collection an image came from) whole groups go to one fold, so a fold's test images come from a
-    source the model did not train on; a label with one source is split by image."""
+    source the model did not train on; a label with one (dominant) source is split by image."""
     rng = np.random.default_rng(seed)
+    grouped = _grouped_labels(frame, column)
     folds: dict[str, int] = {}
-    for _, rows in frame.groupby("label", sort=True):
+    for label, rows in frame.groupby("label", sort=True):
+        if str(label) not in grouped:
+            _deal_by_image([str(h) for h in rows["sop_uid_hash"]], k, rng, folds)
+            continue
         sizes = rows.groupby(rows[column].fillna("(none)"), sort=True).size().sort_values(ascending=False)
         load = [0] * k
-        if len(sizes) >= 2:
-            for group, size in sizes.items():
-                fold = min(range(k), key=lambda f: (load[f], f))
-                load[fold] += int(size)
-                mask = rows[column].fillna("(none)") == group
-                folds.update(dict.fromkeys(map(str, rows.loc[mask, "sop_uid_hash"]), fold))
-        else:
-            keys = [str(h) for h in rows["sop_uid_hash"]]
-            for i, index in enumerate(rng.permutation(len(keys))):
-                folds[keys[index]] = i % k
+        for group, size in sizes.items():
+            fold = min(range(k), key=lambda f: (load[f], f))
+            load[fold] += int(size)
+            mask = rows[column].fillna("(none)") == group
+            folds.update(dict.fromkeys(map(str, rows.loc[mask, "sop_uid_hash"]), fold))
     return folds
 
 
 def leave_one_group_out(frame: pd.DataFrame, column: str, *, seed: int) -> dict[str, int]:
     """One fold per value of ``column`` among labels that have several (each collection in turn plays
-    the unseen hospital); a label with a single group is split by image across those folds, so every
-    fold still trains on it."""
+    the unseen hospital); a label with a single (dominant) group is split by image across those folds,
+    so every fold still trains on it."""
     rng = np.random.default_rng(seed)
     values = frame[column].fillna("(none)").astype(str)
-    per_label = values.groupby(frame["label"]).nunique()
-    multi = sorted(set(values[frame["label"].isin(per_label[per_label >= 2].index)]))
+    grouped = _grouped_labels(frame, column)
+    multi = sorted(set(values[frame["label"].astype(str).isin(grouped)]))
     if not multi:
-        raise ValueError(f"no label has more than one {column!r}: nothing to leave out")
+        raise ValueError(f"no label has images from several {column!r} values: nothing to leave out")
     fold_of = {group: i for i, group in enumerate(multi)}
     folds: dict[str, int] = {}
     for label, rows in frame.groupby("label", sort=True):
         keys = [str(h) for h in rows["sop_uid_hash"]]
-        if per_label[label] >= 2:
+        if str(label) in grouped:
             folds.update({k: fold_of[str(g)] for k, g in zip(keys, values[rows.index], strict=True)})
         else:
-            for i, index in enumerate(rng.permutation(len(keys))):
-                folds[keys[index]] = i % len(multi)
+            _deal_by_image(keys, len(multi), rng, folds)
     return folds

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +43,9 @@ from dicom_router.config import REPO_ROOT, Settings
 from dicom_router.dicom.errors import ERROR_TYPES, DicomInputError
 from dicom_router.dicom.header import read_header
 from dicom_router.storage import S3Store, Store, open_store, read_uri, write_uri
+
+if TYPE_CHECKING:  # the training code (torch) loads only in the steps that train
+    from dicom_router.train import TrainConfig
 
 # Modules that import torch, MLflow or ONNX Runtime are imported inside the steps that need them, so an
 # ingest pod (or a local ingest task) starts in a second instead of five.
@@ -246,14 +249,28 @@ def _merged_labels(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --- preprocess, train, evaluate ------------------------------------------------------------------
 
 
-def preprocess(catalog_dir: str, out_dir: str, settings: Settings, *, image_size: int) -> dict[str, Any]:
+def _recipe_configs(
+    recipe: str, arch: str, *, epochs: int = 0, image_size: int = 0, **fields: Any
+) -> list[TrainConfig]:
+    """The TrainConfigs of one pipeline candidate: ``arch`` may name an ensemble (``a+b``); 0 for epochs
+    or image size means the recipe's own."""
+    from dicom_router.train import recipe_config
+
+    given = {"epochs": epochs, "image_size": image_size}
+    chosen = {k: v for k, v in given.items() if v} | fields
+    return [recipe_config(recipe, arch=member, **chosen) for member in arch.split("+")]
+
+
+def preprocess(
+    catalog_dir: str, out_dir: str, settings: Settings, *, image_size: int, recipe: str = "scratch"
+) -> dict[str, Any]:
     """Decode every labelled image of the catalog once into the shared cache; the manifest says where,
     so the training tasks (on other nodes) read arrays instead of DICOM."""
     from dicom_router.candidates import load_labelled
-    from dicom_router.inference import PreprocessConfig
 
     labelled = load_labelled(settings, catalog=f"{catalog_dir}/{CATALOG_FILE}")
-    config = PreprocessConfig(image_size=image_size)
+    [train_config] = _recipe_configs(recipe, "any", image_size=image_size)
+    config = train_config.preprocess
     cached, errors = labelled.cached(settings, config, progress=False)
     manifest = {
         "cache_uri": settings.cache_location,
@@ -279,25 +296,32 @@ def train_one(
     image_size: int,
     batch_size: int = 32,
     seed: int = 0,
+    recipe: str = "scratch",
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """One architecture on the catalog's persisted split (one MLflow run); its bundle goes to
-    ``model_dir`` with ``candidate.json`` (run id, test metrics) beside it."""
+    """One candidate on the catalog's persisted split: an architecture, or an ensemble ``a+b`` whose
+    members train here one after the other (an MLflow run each, and one for the ensemble). Its bundle
+    goes to ``model_dir`` with ``candidate.json`` (run id, test metrics) beside it."""
     import mlflow
 
     from dicom_router.candidates import load_labelled, train_candidates
-    from dicom_router.train import TrainConfig
 
     manifest = json.loads((Path(cache_dir) / CACHE_MANIFEST).read_text())
     settings = settings.model_copy(update={"cache_uri": manifest["cache_uri"]})
     labelled = load_labelled(settings, catalog=f"{catalog_dir}/{CATALOG_FILE}")
-    config = TrainConfig(arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed)
-    [candidate], _ = train_candidates(settings, labelled, [config], register=False, seed=seed, progress=False)
+    configs = _recipe_configs(
+        recipe, arch, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed
+    )
+    candidates, _ = train_candidates(
+        settings, labelled, configs, register=False, ensemble=True, tta=tta, seed=seed, progress=False
+    )
+    candidate = candidates[-1]  # the ensemble when there are several members
     with tempfile.TemporaryDirectory() as tmp:
         downloaded = mlflow.artifacts.download_artifacts(
             run_id=candidate.run_id, artifact_path="bundle", dst_path=tmp
         )
         shutil.copytree(downloaded, model_dir, dirs_exist_ok=True)
-    summary = {"run_id": candidate.run_id, "arch": arch, "report": candidate.report}
+    summary = {"run_id": candidate.run_id, "arch": candidate.name, "report": candidate.report}
     (Path(model_dir) / CANDIDATE_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 

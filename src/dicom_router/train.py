@@ -83,6 +83,32 @@ class TrainConfig(BaseModel):
         return PreprocessConfig(image_size=self.image_size, metadata=self.metadata, equalize=self.equalize)
 
 
+RECIPES: dict[str, dict[str, Any]] = {
+    "scratch": {},
+    "fine-tune": {
+        "pretrained": True,
+        "image_size": 224,
+        "epochs": 12,
+        "patience": 6,
+        "warmup_epochs": 2,
+        "backbone_lr_scale": 0.3,
+        "frozen_stages": 1,
+        "views": True,
+        "equalize": True,
+    },
+}
+"""Named training recipes (TrainConfig fields). ``fine-tune`` is the one source-grouped cross-validation
+chose for small real data (bench/recipes.py): ImageNet weights, the head first, then the backbone at
+0.3x the learning rate with its stem frozen, site/view augmentation, 224 px."""
+
+
+def recipe_config(recipe: str, **fields: Any) -> TrainConfig:
+    """A TrainConfig from a named recipe, ``fields`` overriding it."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[recipe], **fields})
+
+
 @dataclass
 class TrainResult:
     net: BodyPartNet
