@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from dicom_router import LABELS
+from dicom_router.calibration import nll
 from dicom_router.data import CachedImages, XrayDataset, class_weights
 from dicom_router.evaluate import confusion_matrix, macro_f1
 from dicom_router.inference import PreprocessConfig
@@ -240,7 +241,8 @@ def train_candidate(
     head = torch.optim.Adam(groups[1]["params"], lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     loss_fn = nn.CrossEntropyLoss()
-    best, best_epoch, stale = -1.0, 0, 0
+    best: tuple[float, float] = (-1.0, 0.0)
+    best_epoch, stale = 0, 0
     history: list[dict[str, float]] = []
     seen, train_seconds = 0, 0.0
     with Progress(disable=not progress, transient=True) as bar:
@@ -273,13 +275,22 @@ def train_candidate(
             train_seconds += time.perf_counter() - start
             scores, _ = predict_scores(net, val)
             val_f1 = macro_f1(confusion_matrix(val.labels, scores.argmax(axis=1), len(LABELS)))
-            metrics = {"train_loss": total_loss / max(batches, 1), "val_macro_f1": val_f1}
+            val_nll = nll(scores, val.labels, 1.0) if len(val.labels) else 0.0
+            metrics = {"train_loss": total_loss / max(batches, 1), "val_macro_f1": val_f1, "val_nll": val_nll}
             history.append(metrics)
             if on_epoch:
                 on_epoch(epoch, metrics)
-            log.info("%s epoch %d: loss %.4f, val macro-F1 %.4f", config.name, epoch, *metrics.values())
-            if val_f1 > best:
-                best, best_epoch, stale = val_f1, epoch, 0
+            log.info(
+                "%s epoch %d: loss %.4f, val macro-F1 %.4f, val NLL %.4f",
+                config.name,
+                epoch,
+                *metrics.values(),
+            )
+            # The best epoch: highest validation macro-F1, ties (a small validation set has many) to the
+            # lower NLL; warm-up epochs only start the fine-tuning and are not candidates themselves.
+            candidate = epoch > warmup
+            if candidate and (val_f1, -val_nll) > best:
+                best, best_epoch, stale = (val_f1, -val_nll), epoch, 0
                 torch.save(net.state_dict(), checkpoint)
             elif not frozen:
                 stale += 1
@@ -289,4 +300,4 @@ def train_candidate(
     net.requires_grad_(True)
     net.load_state_dict(torch.load(checkpoint, map_location=dev))
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
-    return TrainResult(net, best_epoch, best, history, seen / max(train_seconds, 1e-9))
+    return TrainResult(net, best_epoch, best[0], history, seen / max(train_seconds, 1e-9))
