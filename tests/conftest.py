@@ -61,7 +61,9 @@ def s3_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         stack.down(settings)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run the installed ``dicom-router`` as a user would (a separate process, exit code and streams)."""
     exe = Path(sys.executable).parent / "dicom-router"
     return subprocess.run(
@@ -69,7 +71,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
 

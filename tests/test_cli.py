@@ -84,9 +84,10 @@ def test_ingest_writes_catalog_and_qa_and_exits_2_on_bad_objects(tmp_path: Path)
 
 
 @pytest.mark.usefixtures("settings")
+@pytest.mark.timeout(1800)  # the whole main job, fine-tuning included, on a possibly busy 2-core machine
 def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
     try:
-        result = run_cli("demo")
+        result = run_cli("demo", timeout=1700)
         assert result.returncode == 0, result.stderr
         assert "instances cataloged from s3://dicom-router/demo/raw" in result.stdout
         assert "adult_chest" in result.stdout

@@ -27,6 +27,7 @@ from dicom_router.inference import (
 )
 from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.registry import connect
+from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.synth import synthesize
 from dicom_router.train import TrainConfig
 from tests.conftest import run_cli
@@ -89,7 +90,7 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert report["n"] == len(bundle.card["test_items"])
     assert np.asarray(report["confusion_matrix"]).shape == (5, 5)
     at_rules = report["abstention"]["at_review_threshold"]
-    assert at_rules["threshold"] == 0.5  # the example rules' review.below_confidence
+    assert at_rules["threshold"] == RoutingRules.load(EXAMPLE_RULES).review.below_confidence
     assert at_rules["auto_routed"] == pytest.approx(at_rules["coverage"] * report["n"])
 
     second = _json(*train, "--fusion", "--seed", "0")
