@@ -32,7 +32,7 @@ def rules(body: str, *, default: str = "archive", review: str = "destination: st
 
 def subject(
     body_part: str | None = "adult_chest",
-    confidence: float | None = 0.9,
+    confidence: float | None = 0.99,
     *,
     tags: dict[str, str] | None = None,
     calling_aet: str | None = None,
@@ -153,7 +153,7 @@ def test_example_file_loads_and_routes_every_class() -> None:
         "review-station": "REVIEW",
     }
     assert {(d.host, d.port) for d in routing.destinations.values()} == {("127.0.0.1", 4243)}
-    routed = {label: decide(routing, subject(label, 0.8)).routed_to for label in (*LABELS, "unrouted")}
+    routed = {label: decide(routing, subject(label, 0.99)).routed_to for label in (*LABELS, "unrouted")}
     assert routed == {
         "abdominal": "abdomen-pacs",
         "adult_chest": "chest-pacs",
@@ -162,12 +162,12 @@ def test_example_file_loads_and_routes_every_class() -> None:
         "others": "archive",
         "unrouted": "archive",
     }
-    assert decide(routing, subject("spine", 0.49)) == Decision("low-confidence", "review", "review-station")
+    assert decide(routing, subject("spine", 0.94)) == Decision("low-confidence", "review", "review-station")
 
 
 def test_explain_says_why_earlier_rules_did_not_match() -> None:
     routing = RoutingRules.load(EXAMPLE_RULES)
-    spine = subject("spine", 0.8, tags={"Modality": "DX"})
+    spine = subject("spine", 0.99, tags={"Modality": "DX"})
     explained = explain(routing, spine)
     assert [name for name, _, _ in explained] == [rule.name for rule in routing.rules]
     assert explained[0] == ("conflicting-study", False, "the study has no conflict")

@@ -520,6 +520,7 @@ def cross_validate(
     group_by: str,
     folds: int | None = 3,
     seed: int = 0,
+    review_threshold: float | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Group-wise cross-validation (e.g. by public collection): every image is tested once by models
@@ -528,7 +529,8 @@ def cross_validate(
     is fitted on the other folds' held-out groups, so calibration too is judged on unseen sources). The
     pooled predictions give one report per variant (per-class, per-group, risk–coverage and the review
     threshold for 99% auto-routed accuracy, the temperature for the final model), logged as nested
-    MLflow runs. ``folds=None``: one fold per group (leave one source out)."""
+    MLflow runs. ``folds=None``: one fold per group (leave one source out). ``review_threshold`` (the
+    rules' ``review.below_confidence``) is reported beside the chosen one."""
     if group_by not in labelled.frame.columns:
         raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
     preprocess = _check_ensemble(configs)
@@ -588,8 +590,9 @@ def cross_validate(
             probabilities, temperatures = cross_fitted(raw[variant], truth)
             name = variant.name(configs)
             report = evaluation_report(y, probabilities, LABELS, 0.0)
+            chosen_threshold = threshold_for(probabilities, y)
             report["abstention"] = abstention_report(
-                probabilities, y, threshold=threshold_for(probabilities, y)
+                probabilities, y, threshold=chosen_threshold if review_threshold is None else review_threshold
             )
             report["per_group"] = group_report(groups, y, probabilities, LABELS)
             report["temperatures"] = temperatures

@@ -332,6 +332,7 @@ def train(
 ) -> int:
     """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
     from dicom_router.candidates import cross_validate, initial_weights, load_labelled, train_candidates
+    from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
     from dicom_router.train import RECIPES, TrainConfig
     from dicom_router.weights import PretrainedUnavailable
 
@@ -378,7 +379,10 @@ def train(
     labelled = load_labelled(settings, catalog=catalog, data=data_dirs, collections=collections)
     cv: dict[str, dict[str, Any]] = {}
     if cv_by:
-        cv = cross_validate(settings, labelled, configs, group_by=cv_by, folds=folds, seed=seed)
+        review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review.below_confidence
+        cv = cross_validate(
+            settings, labelled, configs, group_by=cv_by, folds=folds, seed=seed, review_threshold=review
+        )
         if not as_json:
             for name, report in cv.items():
                 _print_report(f"{name}: {folds or 'leave-one-out'} folds grouped by {cv_by}", report)

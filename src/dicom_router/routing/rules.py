@@ -229,8 +229,9 @@ class Review(BaseModel):
 
     destination: str | None = None
     """A destination name; None keeps them in Orthanc only (still marked ``RoutedTo=review``)."""
-    below_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
-    """Predictions below this go to review before any rule is tried."""
+    below_confidence: float = Field(default=0.95, ge=0.0, le=1.0)
+    """Predictions below this go to review before any rule is tried (0.95: 99% auto-routed accuracy
+    in collection-grouped cross-validation of the calibrated ``make train-real`` ensemble)."""
 
 
 class RoutingRules(BaseModel):
