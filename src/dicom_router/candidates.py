@@ -32,8 +32,7 @@ from dicom_router.data import (
     CachedImages,
     Split,
     build_cache,
-    grouped_folds,
-    leave_one_group_out,
+    cv_folds,
     split_examples,
 )
 from dicom_router.dicom.errors import DicomInputError
@@ -502,14 +501,6 @@ def cross_fitted(
         temperatures.append(temperature)
         out.append(scaled(fold, temperature))
     return np.concatenate(out), temperatures
-
-
-def cv_folds(frame: pd.DataFrame, column: str, folds: int | None, *, seed: int) -> dict[str, int]:
-    """Fold of each instance: ``folds`` folds grouped by ``column``, or (None) leave-one-group-out:
-    one fold per group of a label that has several, so each collection in turn is the unseen one."""
-    if folds is not None:
-        return grouped_folds(frame, column, folds, seed=seed)
-    return leave_one_group_out(frame, column, seed=seed)
 
 
 def cross_validate(

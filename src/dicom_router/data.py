@@ -354,3 +354,11 @@ def leave_one_group_out(frame: pd.DataFrame, column: str, *, seed: int) -> dict[
         else:
             _deal_by_image(keys, len(multi), rng, folds)
     return folds
+
+
+def cv_folds(frame: pd.DataFrame, column: str, folds: int | None, *, seed: int) -> dict[str, int]:
+    """Fold of each instance: ``folds`` folds grouped by ``column``, or (None) leave-one-group-out:
+    one fold per group of a label that has several, so each collection in turn is the unseen one."""
+    if folds is not None:
+        return grouped_folds(frame, column, folds, seed=seed)
+    return leave_one_group_out(frame, column, seed=seed)

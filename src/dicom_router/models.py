@@ -99,9 +99,10 @@ class Scorer(nn.Module):
 
     @property
     def name(self) -> str:
-        """e.g. ``tf_efficientnet_lite0+mobilenetv2_100+flip``."""
-        archs = [str(m.arch) for m in self.members]
-        return "+".join(archs) + ("+flip" if self.flip else "")
+        """e.g. ``tf_efficientnet_lite0+mobilenetv2_100+flip``: the same as the training config's
+        ``Variant.name``, so cross-validation's calibration finds its bundle."""
+        names = [str(m.arch) + ("+meta" if m.meta is not None else "") for m in self.members]
+        return "+".join(names) + ("+flip" if self.flip else "")
 
     def logits(
         self, image: torch.Tensor, meta: torch.Tensor | None = None
