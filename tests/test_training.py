@@ -14,9 +14,16 @@ import torch
 
 from dicom_router import LABELS
 from dicom_router.calibration import fit_temperature
-from dicom_router.candidates import cross_fitted, cross_validate, load_labelled
+from dicom_router.candidates import (
+    MemberScores,
+    Variant,
+    combine,
+    cross_fitted,
+    cross_validate,
+    load_labelled,
+)
 from dicom_router.config import Settings
-from dicom_router.data import leave_one_group_out
+from dicom_router.data import CachedImages, leave_one_group_out
 from dicom_router.inference import (
     METADATA_FEATURES,
     Bundle,
@@ -29,7 +36,7 @@ from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.registry import connect
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.synth import synthesize
-from dicom_router.train import TrainConfig
+from dicom_router.train import TrainConfig, predict_scores
 from tests.conftest import run_cli
 
 
@@ -219,6 +226,22 @@ def test_an_ensemble_with_flips_exports_as_one_graph_that_matches_torch(tmp_path
         flipped = [torch.log_softmax(m(torch.from_numpy(images).flip(-1))[0], 1) for m in members]
     by_hand = torch.softmax(torch.stack(single + flipped).mean(0) / 1.7, 1)
     np.testing.assert_allclose(probabilities, by_hand.numpy(), atol=1e-5)
+
+
+def test_member_scores_from_two_passes_equal_what_the_exported_scorers_compute() -> None:
+    torch.manual_seed(0)
+    nets = [BodyPartNet("resnet18").eval(), BodyPartNet("mobilenetv2_100").eval()]
+    rng = np.random.default_rng(1)
+    cached = CachedImages(
+        [f"k{i}" for i in range(5)],
+        rng.integers(0, 65535, (5, 32, 32), dtype=np.uint16),
+        np.zeros(5, np.int64),
+        np.zeros((5, len(METADATA_FEATURES)), np.float32),
+    )
+    members = [MemberScores.of(net, cached) for net in nets]
+    for flip in (False, True):
+        expected, _ = predict_scores(Scorer(nets, flip=flip), cached)
+        np.testing.assert_allclose(combine(Variant((0, 1), flip), members), expected, atol=1e-5)
 
 
 def test_leave_one_group_out_gives_each_collection_its_own_fold() -> None:

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +181,10 @@ class MemberScores:
 
     @classmethod
     def of(cls, net: BodyPartNet, cached: CachedImages) -> MemberScores:
+        """Two passes, the image and its mirror: flip TTA is their mean, as ``Scorer(flip=True)``."""
         plain, _ = predict_scores(net, cached)
-        tta, _ = predict_scores(Scorer([net], flip=True), cached)
-        return cls(plain, tta)
+        mirrored, _ = predict_scores(net, cached, mirrored=True)
+        return cls(plain, ((plain + mirrored) / 2).astype(np.float32))
 
 
 def combine(variant: Variant, members: Sequence[MemberScores]) -> npt.NDArray[np.float32]:
@@ -252,7 +253,8 @@ def save_bundle(bundle: Bundle, out: Path) -> None:
 
 @dataclass
 class _Shared:
-    """What every candidate of one training run shares."""
+    """What every candidate of one training run shares (``parts``: the split cached for the current
+    member's preprocessing)."""
 
     settings: Settings
     labelled: Labelled
@@ -353,18 +355,20 @@ def train_candidates(
     results: list[Candidate] = []
     nets: list[BodyPartNet] = []
     members: list[dict[str, Any]] = []
+    shared = _Shared(
+        settings,
+        labelled,
+        split,
+        {},
+        experiment(settings, CANDIDATES_EXPERIMENT),
+        register,
+        calibration or {},
+    )
     for config in configs:
         cached, bad = labelled.cached(settings, config.preprocess, progress=progress)
         errors.extend(e for e in bad if e.path not in {x.path for x in errors})
-        shared = _Shared(
-            settings,
-            labelled,
-            split,
-            {name: cached.select(split.of(name)) for name in ("train", "val", "test")},
-            experiment(settings, CANDIDATES_EXPERIMENT),
-            register,
-            calibration or {},
-        )
+        parts = {name: cached.select(split.of(name)) for name in ("train", "val", "test")}
+        shared = replace(shared, parts=parts)
         name = Variant((0,), tta).name([config])
         with (
             mlflow.start_run(experiment_id=shared.experiment_id, run_name=name) as run,

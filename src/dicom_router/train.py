@@ -134,10 +134,15 @@ def device() -> torch.device:
 
 
 def predict_scores(
-    model: BodyPartNet | Scorer, cached: CachedImages, *, batch_size: int = 64
+    model: BodyPartNet | Scorer,
+    cached: CachedImages,
+    *,
+    batch_size: int = 64,
+    mirrored: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Log-probability scores (members and flips averaged, not yet tempered) and embeddings of a torch
-    model on cached images: validation, cross-validation and calibration."""
+    model on cached images (``mirrored``: on their mirror images): validation, cross-validation and
+    calibration."""
     scorer = model if isinstance(model, Scorer) else Scorer([model])
     scorer.eval()
     dev = next(scorer.parameters()).device
@@ -146,7 +151,8 @@ def predict_scores(
     loader = DataLoader(XrayDataset(cached, train=False), batch_size=batch_size)
     with torch.no_grad():
         for images, meta, _ in loader:
-            s, e = scorer.logits(images.to(dev), meta.to(dev) if uses_meta else None)
+            view = images.flip(-1) if mirrored else images
+            s, e = scorer.logits(view.to(dev), meta.to(dev) if uses_meta else None)
             scores.append(s.float().cpu().numpy())
             embeddings.append(e.float().cpu().numpy())
     if not scores:
