@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dicom_router import __version__
 from tests.conftest import run_cli
 
 INSPECT_KEYS = {"file", "ok", "sop_class", "modality", "transfer_syntax", "photometric", "rows", "columns"}
@@ -93,3 +94,9 @@ def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
         assert "adult_chest" in result.stdout
     finally:
         run_cli("stack", "down")
+
+
+def test_version_prints_the_release() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"dicom-router {__version__}"

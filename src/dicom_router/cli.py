@@ -15,6 +15,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from dicom_router import __version__
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError, NotDicom
 from dicom_router.errors import ModelNotFound
@@ -27,6 +28,7 @@ EXIT_USAGE = 64
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="dicom-router", message="%(prog)s %(version)s")
 def app() -> None:
     """Learn the body part of DICOM X-rays and route each new image to the right place."""
 
@@ -196,7 +198,8 @@ def ingest(source: str, catalog: str, labels: str | None, as_json: bool) -> int:
 @click.argument("action", type=click.Choice(["up", "down", "status"]))
 @click.option("--json", "as_json", is_flag=True, help="Status as JSON")
 def stack(action: str, as_json: bool) -> int:
-    """The embedded local stack (S3 now; later stages add MLflow, model server, Orthanc, Evidently UI)."""
+    """The embedded local stack: S3, MLflow, the model server, Orthanc with its hook and the router,
+    and the Evidently UI, all on loopback."""
     from dicom_router import stack as local
 
     settings = Settings()

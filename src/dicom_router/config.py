@@ -6,11 +6,40 @@ or at a remote MLflow, is a matter of setting variables, never of editing code.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _quota(root: Path) -> float | None:
+    """CPUs the cgroup may use (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may really use: its affinity mask, capped by the cgroup's CPU quota (inside a
+    pod ``os.cpu_count()`` is the node's, so a 2-CPU pod on a 64-core node would fork 64 workers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this package was installed from (editable install); used only for the shared-data default."""
@@ -50,8 +79,8 @@ class Settings(BaseSettings):
     """First ranged read of an object during ingest; grown only when a header is longer."""
     max_image_pixels: int = 64_000_000
     """Rows x columns x samples above which decoding refuses with ``ImageTooLarge``."""
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1)
-    """Processes for ingest and decoding."""
+    workers: int = Field(default_factory=available_cpus)
+    """Processes for ingest and decoding; default: the CPUs affinity and the cgroup quota allow."""
 
     weights_dir: Path | None = None
     """A folder of ImageNet weights files named ``ARCH.*`` (safetensors or torch): ``train --pretrained``
