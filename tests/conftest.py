@@ -8,10 +8,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dicom_router import stack
 from dicom_router.config import Settings
+from tests.dicom_factory import dicom_dataset, to_bytes
 
 # Tests reach loopback only: timm's hub must fail at once instead of trying the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -91,3 +93,41 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"note": "test"},
         tmp_path_factory.mktemp("bundle") / "b",
     )
+
+
+DECODER_KILLER = b"KILL-THE-DECODER"
+"""An instance carrying this text kills the decode process that reads it (see ``killing_decoder``)."""
+
+_SITECUSTOMIZE = """
+# Test fault injection: the decoder dies on marked input, as a codec segfault or the OOM killer would
+# kill it (SIGKILL: nothing is raised, nothing is cleaned up).
+import functools
+import os
+import signal
+
+import dicom_router.inference as inference
+
+_prepare = inference.prepare
+
+
+@functools.wraps(_prepare)
+def prepare(data, *args, **kwargs):
+    if MARK in data:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _prepare(data, *args, **kwargs)
+
+
+inference.prepare = prepare
+"""
+
+
+@pytest.fixture
+def killing_decoder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """Processes started from here on (the model server and its decode workers) die on
+    ``DECODER_KILLER``; returns a real DICOM that carries it."""
+    folder = tmp_path_factory.mktemp("sitecustomize")
+    (folder / "sitecustomize.py").write_text(f"MARK = {DECODER_KILLER!r}\n" + _SITECUSTOMIZE)
+    path = [str(folder), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, path)))
+    poison = dicom_dataset(np.full((64, 64), 900, np.uint16), ImageComments=DECODER_KILLER.decode())
+    return to_bytes(poison)

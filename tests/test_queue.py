@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -83,3 +84,66 @@ def test_only_single_frame_projection_radiographs_go_to_the_model(
     tags: dict[str, str], eligible: bool
 ) -> None:
     assert projection_radiograph(tags)[0] is eligible
+
+
+def test_two_workers_never_claim_the_same_row(queue: RoutingQueue) -> None:
+    for i in range(10):
+        queue.enqueue(f"i{i}")
+    other = RoutingQueue(queue.path)  # a second router process (or ``route --once``) on the same file
+    first = queue.claim("a", limit=6, lease_s=60)
+    second = other.claim("b", limit=6, lease_s=60)
+    assert len(first) == 6 and len(second) == 4
+    assert not {i.instance_id for i in first} & {i.instance_id for i in second}
+    assert other.claim("b", limit=6, lease_s=60) == []  # everything is leased
+    queue.release("a", [i.instance_id for i in first])
+    assert {i.instance_id for i in other.claim("b", limit=10, lease_s=60)} == {i.instance_id for i in first}
+
+
+def test_a_killed_workers_rows_come_back_when_its_lease_expires_and_it_cannot_forward_them(
+    queue: RoutingQueue,
+) -> None:
+    queue.enqueue("x")
+    assert [i.instance_id for i in queue.claim("dead-worker", limit=5, lease_s=60)] == ["x"]
+    other = RoutingQueue(queue.path)
+    assert other.claim("b", limit=5, lease_s=60) == []
+    later = time.time() + 61
+    assert [i.instance_id for i in other.claim("b", limit=5, lease_s=60, now=later)] == ["x"]
+    assert queue.hold("dead-worker", ["x"], lease_s=60) == []  # the old owner may no longer send it
+    assert other.hold("b", ["x"], lease_s=60) == ["x"]
+
+
+def test_an_instance_that_keeps_failing_becomes_a_dead_letter_that_can_be_replayed(
+    queue: RoutingQueue,
+) -> None:
+    for name in ("bad", "good"):
+        queue.enqueue(name)
+    queue.update("bad", sop_hash="0123abcd", body_part="spine", destination="pacs", state="forwarding")
+    delays = [queue.retry_later("bad", "job failed", base_s=1.0, cap_s=5.0, max_attempts=3) for _ in range(3)]
+    assert delays == [1.0, 2.0, None]
+    (letter,) = queue.dead_letters()
+    assert letter.instance_id == "bad" and letter.attempts == 3 and letter.last_error == "job failed"
+    assert queue.counts() == {"dead": 1, "pending": 1}
+    assert queue.replay("unknown") == []
+    assert queue.replay("0123abcd") == ["bad"]
+    item = queue.get("bad")
+    assert item is not None and item.state == "pending" and item.attempts == 0
+    assert item.body_part == "spine"  # the classification made is kept: no second model call
+    queue.retry_later("bad", "again", base_s=1.0, cap_s=5.0, max_attempts=1)
+    assert queue.replay(None) == ["bad"] and queue.dead_letters() == []
+
+
+def test_a_queue_file_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE queue (instance_id TEXT PRIMARY KEY, enqueued_at REAL NOT NULL, "
+        "state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, "
+        "next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT, study_id TEXT, body_part TEXT, "
+        "confidence REAL, model_version TEXT, routing_error TEXT, rule TEXT, routed_to TEXT, "
+        "destination TEXT, job_id TEXT, done_at REAL)"
+    )
+    old.execute("INSERT INTO queue (instance_id, enqueued_at) VALUES ('old', 1.0)")
+    old.commit()
+    old.close()
+    queue = RoutingQueue(path)
+    assert [i.instance_id for i in queue.claim("w", limit=5, lease_s=60)] == ["old"]

@@ -8,12 +8,17 @@ KServe model server and the routing worker as separate processes, C-STORE with d
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 import yaml
 from pydicom.uid import CTImageStorage, generate_uid
@@ -118,7 +123,7 @@ def test_every_instance_is_routed_exactly_once_through_outages(
     send(batches[0], port)
     stack.Process("model_server", settings).stop()  # the model server goes down mid-stream
     send(batches[1], port)
-    wait_until(lambda: _retried(queue, _ids(settings)), 30, "a retry while the model server is down")
+    wait_until(lambda: _waiting(queue, _ids(settings)), 30, "instances waiting for the model server")
     stack.model_server_up(settings)
     stack.Process("router", settings).stop()  # and the worker restarts while instances arrive
     send(batches[2], port)
@@ -174,9 +179,13 @@ def test_every_instance_is_routed_exactly_once_through_outages(
     assert sum(1 for h in json.loads(result.stdout) if h["outcome"] == "delivered") == total
 
 
-def _retried(queue: RoutingQueue, ids: list[str]) -> bool:
+def _waiting(queue: RoutingQueue, ids: list[str]) -> bool:
+    """Instances put back because the model server is down, without spending their attempts."""
     items = [queue.get(i) for i in ids]
-    return any(item is not None and item.attempts > 0 for item in items)
+    return any(
+        item is not None and "ModelUnavailable" in (item.last_error or "") and item.attempts == 0
+        for item in items
+    )
 
 
 def _ids(settings: Settings) -> list[str]:
@@ -234,3 +243,123 @@ def test_dry_run_shows_the_rule_each_file_would_hit(tiny_bundle: Path, tmp_path:
         }
     bad = run_cli("route", "--dry-run", str(tmp_path / "in"), "--rules", str(tmp_path / "missing.yaml"))
     assert bad.returncode == 64
+
+
+def _configure(
+    monkeypatch: pytest.MonkeyPatch, rules: Path, document: dict[str, Any], **env: str
+) -> Settings:
+    rules.write_text(yaml.safe_dump(document))
+    monkeypatch.setenv("DICOM_ROUTER_ROUTE_RULES", str(rules))
+    for key, value in env.items():
+        monkeypatch.setenv(f"DICOM_ROUTER_{key.upper()}", value)
+    return Settings()
+
+
+def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_nothing_stalls(
+    routed_stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    stack.Process("model_server", routed_stack).stop()
+    poison = request.getfixturevalue("killing_decoder")  # the restarted model server's decoders die on it
+    stack.model_server_up(routed_stack)
+    offline_port = stack.free_port()  # nothing listens there (yet)
+    document: dict[str, Any] = rules_for(stack.orthanc_status(routed_stack, "destination")["dicom_port"])
+    document["destinations"]["late-pacs"] = {"aet": "LATE", "host": "127.0.0.1", "port": offline_port}
+    synthesize(tmp_path / "late", 1, sites=1, seed=12, long_side_px=64)
+    (late_file,) = (tmp_path / "late").rglob("*.dcm")
+    late_uid = str(pydicom.dcmread(late_file).SOPInstanceUID)
+    when = {"tags": {"SOPInstanceUID": [late_uid]}}
+    document["rules"].insert(0, {"name": "late", "when": when, "route": "late-pacs"})
+    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document, route_max_attempts="3")
+    orthanc = stack.orthanc_client(settings)
+    synthesize(tmp_path / "good", 50, sites=3, seed=11, long_side_px=64)
+    (tmp_path / "poison").mkdir()
+    (tmp_path / "poison" / "poison.dcm").write_bytes(poison)
+    port = stack.orthanc_status(settings)["dicom_port"]
+    stack.router_up(settings)
+    for folder in ("good", "poison", "late"):
+        send(tmp_path / folder, port)
+    queue = RoutingQueue(settings.routing_queue)
+    wait_until(lambda: queue.counts() == {"done": 51, "dead": 1}, 240, "51 routed and 1 dead letter")
+
+    by_error = {i: orthanc.metadata("instances", i).get("RoutingError", "") for i in orthanc.instances()}
+    (killer,) = [i for i, e in by_error.items() if e.startswith("InvalidPixelData")]
+    assert "decoder process died" in by_error[killer]
+    assert orthanc.metadata("instances", killer)["RoutedTo"] == "review"
+    (late,) = [i for i, e in by_error.items() if e.startswith("DeadLetter")]
+    assert orthanc.metadata("instances", late)["RoutedTo"] == "review"
+    delivered = [h["instance_id"] for h in queue.history() if h["outcome"] == "delivered"]
+    assert len(delivered) == 51 and late not in delivered
+
+    listed = run_cli("route", "--dead-letter", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (letter,) = json.loads(listed.stdout)
+    assert letter["instance_id"] == late and letter["attempts"] == 3 and len(letter["sop_hash"]) >= 16
+    receiver = tmp_path / "received"
+    receiver.mkdir()
+    storescp = subprocess.Popen(
+        ["storescp", "+xa", "--aetitle", "LATE", "--output-directory", str(receiver), str(offline_port)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        replayed = run_cli("route", "--replay", letter["sop_hash"], "--json")
+        assert replayed.returncode == 0 and json.loads(replayed.stdout) == {"replayed": [late]}
+        wait_until(lambda: queue.counts() == {"done": 52}, 120, "the replayed letter delivered")
+        assert len(list(receiver.iterdir())) == 1
+    finally:
+        storescp.terminate()
+        storescp.wait()
+
+
+def _storescp(folder: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
+    """dcmtk's receiver writing every object it gets to a file of its own: it never de-duplicates."""
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = ["storescp", "+xa", "--aetitle", aet, "--output-directory", str(folder), "--unique-filenames"]
+    argv.append(str(port))
+    return subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.usefixtures("routed_stack")
+def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = stack.free_port()
+    document = {
+        "destinations": {"pacs": {"aet": "COUNTING", "host": "127.0.0.1", "port": port}},
+        "review": {"below_confidence": 0.0},
+        "rules": [],
+        "default": "pacs",
+    }
+    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document, route_lease_s="5")
+    receiver = _storescp(tmp_path / "received", port, "COUNTING")
+    batches = [tmp_path / f"batch{i}" for i in range(4)]
+    for i, batch in enumerate(batches):
+        synthesize(batch, 50, sites=3, seed=30 + i, long_side_px=64)
+    orthanc_port = stack.orthanc_status(settings)["dicom_port"]
+    try:
+        stack.router_up(settings)
+        stack.router_up(settings, name="router-b")  # a second consumer of the same queue
+        send(batches[0], orthanc_port)
+        send(batches[1], orthanc_port)
+        os.killpg(stack.Process("router-b", settings).pid() or 0, signal.SIGKILL)  # mid-stream, no cleanup
+        stack.Process("model_server", settings).stop()
+        send(batches[2], orthanc_port)
+        stack.model_server_up(settings)
+        stack.router_up(settings, name="router-b")
+        send(batches[3], orthanc_port)
+        queue = RoutingQueue(settings.routing_queue)
+        wait_until(lambda: queue.counts() == {"done": 200}, 300, "200 delivered")
+    finally:
+        stack.Process("router-b", settings).stop()
+        receiver.terminate()
+        receiver.wait()
+    received = Counter(
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        for path in (tmp_path / "received").iterdir()
+    )
+    sent = {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        for batch in batches
+        for path in batch.rglob("*.dcm")
+    }
+    assert set(received) == sent and len(sent) == 200
+    assert [uid for uid, n in received.items() if n > 1] == []

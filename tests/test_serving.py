@@ -17,7 +17,7 @@ import pytest
 from dicom_router import LABELS, stack
 from dicom_router.candidates import save_bundle
 from dicom_router.config import Settings
-from dicom_router.dicom.errors import NotDicom
+from dicom_router.dicom.errors import InvalidPixelData, NotDicom
 from dicom_router.inference import Bundle, PreprocessConfig
 from dicom_router.registry import connect, experiment, register_bundle
 from dicom_router.serving.client import ModelClient
@@ -183,3 +183,43 @@ def test_v1_bodies_are_parsed_strictly() -> None:
     image = check_images(np.zeros((2, 32, 32), np.float32), PreprocessConfig(image_size=32))
     assert image.shape == (2, 1, 32, 32)
     assert dicom_bytes(np.zeros((4, 4), np.uint16))  # the factory still builds valid input for the others
+
+
+@pytest.fixture
+def server_that_loses_decoders(
+    killing_decoder: bytes, settings: Settings, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, bytes]]:
+    monkeypatch.setenv("DICOM_ROUTER_MODEL_URI", str(tiny_bundle))
+    try:
+        yield stack.model_server_up(Settings()), killing_decoder
+    finally:
+        stack.down(settings)
+
+
+def test_a_file_that_kills_its_decoder_fails_alone_and_the_server_keeps_serving(
+    server_that_loses_decoders: tuple[str, bytes], dicoms: list[bytes]
+) -> None:
+    server, poison = server_that_loses_decoders
+    _wait_ready(server)
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = ModelClient(server)
+
+    def classify(data: bytes) -> str:
+        try:
+            return client.classify(data).label
+        except InvalidPixelData as exc:
+            return f"refused: {exc.reason}"
+
+    with ThreadPoolExecutor(8) as pool:  # the poison among good requests in flight in the same pool
+        answers = list(pool.map(classify, [*dicoms[:3], poison, *dicoms[3:], *dicoms]))
+    refused = [a for a in answers if a.startswith("refused")]
+    assert len(refused) == 1 and "decoder process died" in refused[0]
+    assert all(a in LABELS for a in answers if not a.startswith("refused"))
+    assert httpx.get(f"{server}/v2/health/ready").status_code == 200
+    assert [client.classify(d).label for d in dicoms]  # later requests are served by the new pool
+    metrics = httpx.get(f"{server}/metrics").text
+    crashes = next(
+        line for line in metrics.splitlines() if line.startswith("dicom_router_decoder_crashes_total ")
+    )
+    assert float(crashes.split()[-1]) >= 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +103,39 @@ def test_a_local_folder_works_like_a_bucket(tmp_path: Path) -> None:
     store.write("a/b.dcm", b"123456")
     assert [(o.key, o.size) for o in store.list()] == [("a/b.dcm", 6)]
     assert store.read("a/b.dcm", 3) == b"123"
+
+
+def test_a_stale_pid_file_never_signals_a_process_the_stack_did_not_start(settings: Settings) -> None:
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        proc = stack.Process("router", settings)
+        proc.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        proc.pid_file.write_text(f"{bystander.pid} 1")  # the pid was reused: another start time
+        assert proc.pid() is None
+        assert proc.stop() is False
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_service_that_exits_at_start_fails_quoting_its_log(settings: Settings) -> None:
+    proc = stack.Process("broken", settings)
+    script = "import sys; print('listening failed: port 1 in use'); sys.exit(3)"
+    with pytest.raises(stack.StackError, match=r"code 3.*listening failed: port 1 in use"):
+        proc.start([sys.executable, "-c", script], lambda: False)
+    assert proc.pid() is None
+
+
+def test_a_failed_stack_up_stops_what_it_had_started(
+    stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(_: Settings) -> str:
+        raise stack.StackError("model_server not ready: simulated")
+
+    monkeypatch.setattr(stack, "model_server_up", fails)
+    with pytest.raises(stack.StackError, match="simulated"):
+        stack.up(stack_settings)
+    assert not any(service["running"] for service in stack.status(stack_settings).values())
+    for name in ("s3", "mlflow"):
+        assert stack.Process(name, stack_settings).pid() is None

@@ -593,6 +593,9 @@ def _since(value: str | None) -> float | None:
 @click.option("--since", help="With --history: ISO time or 30m / 2h / 1d")
 @click.option("--model", "model_uri", help="With --dry-run: MODEL_URI (default: the champion)")
 @click.option("--once", is_flag=True, help="Route what is waiting, then exit")
+@click.option("--dead-letter", is_flag=True, help="Instances that exhausted their attempts (in review)")
+@click.option("--replay", metavar="SOP_HASH", help="Route this dead letter again (--all: every one)")
+@click.option("--all", "replay_all", is_flag=True, help="With --replay: every dead letter")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 def route(
     files: tuple[Path, ...],
@@ -602,14 +605,20 @@ def route(
     since: str | None,
     model_uri: str | None,
     once: bool,
+    dead_letter: bool,
+    replay: str | None,
+    replay_all: bool,
     as_json: bool,
 ) -> int:
-    """The routing worker (Orthanc queue → model server → rules → forward), its dry run and its audit."""
+    """The routing worker (Orthanc queue → model server → rules → forward), its dry run, its audit and
+    its dead letters."""
     from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules, RulesError
 
     settings = Settings()
     if files and not dry_run:
         raise click.UsageError("FILE arguments need --dry-run")
+    if dead_letter or replay or replay_all:
+        return _dead_letters(settings, replay, replay_all or replay == "--all", as_json)
     if show_history:
         from dicom_router.routing.queue import RoutingQueue
 
@@ -638,6 +647,42 @@ def route(
         stdout.print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), highlight=False)
         return EXIT_OK
     service.run_forever(settings, rules)
+    return EXIT_OK
+
+
+def _dead_letters(settings: Settings, replay: str | None, replay_all: bool, as_json: bool) -> int:
+    """``route --dead-letter`` lists them; ``--replay KEY`` / ``--replay --all`` sends them back."""
+    from dicom_router.routing.queue import RoutingQueue
+
+    queue = RoutingQueue(settings.routing_queue)
+    if replay or replay_all:
+        ids = queue.replay(None if replay_all else replay)
+        if not ids and not replay_all:
+            raise click.UsageError(f"--replay {replay}: no dead letter has that SOP hash or instance id")
+        if as_json:
+            _emit_json({"replayed": ids})
+        else:
+            stdout.print(f"{len(ids)} dead letter(s) back in the routing queue", highlight=False)
+        return EXIT_OK
+    letters = [
+        {
+            "sop_hash": i.sop_hash,
+            "instance_id": i.instance_id,
+            "attempts": i.attempts,
+            "reason": i.last_error,
+            "at": datetime.fromtimestamp(i.done_at or i.enqueued_at, UTC).isoformat(timespec="seconds"),
+            "body_part": i.body_part,
+            "destination": i.destination,
+        }
+        for i in queue.dead_letters()
+    ]
+    if as_json:
+        _emit_json(letters)
+    for d in [] if as_json else letters:
+        stdout.print(
+            f"{d['at']} {d['sop_hash'] or d['instance_id']} attempts={d['attempts']} {d['reason']}",
+            highlight=False,
+        )
     return EXIT_OK
 
 

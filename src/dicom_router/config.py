@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     orthanc_dicom_port: int = 0
     """Ports of the embedded Orthanc; 0 picks free ones at first start and keeps them."""
 
+    stack_ready_timeout_s: float = 600.0
+    """How long ``stack up`` waits for a service that is still running but not yet ready (a busy
+    machine); one that exits fails at once, quoting its log."""
+
     route_rules: Path | None = None
     """Routing rules YAML; empty means the example rules shipped with the package."""
     route_concurrency: int = 4
@@ -136,7 +140,15 @@ class Settings(BaseSettings):
     """How often an idle router looks at the queue."""
     route_retry_base_s: float = 1.0
     route_retry_cap_s: float = 60.0
-    """Backoff when the model server, Orthanc or a destination is down: base·2^attempts, capped."""
+    """Backoff after a failed attempt (base·2^attempts, capped) and while the model server or Orthanc
+    cannot be reached (base·2^outage-length, capped; no attempt is spent)."""
+    route_max_attempts: int = 12
+    """Failed attempts (an unreadable answer, a model-server error on this instance, a refused forward)
+    after which an instance becomes a dead letter, marked ``RoutedTo=review`` with its reason."""
+    route_lease_s: float = 120.0
+    """How long a router owns the queue rows it claimed; a killed router's rows return after this."""
+    route_port: int = 0
+    """Port of the router's health and ``/metrics`` endpoint; 0 picks a free one at first start."""
 
     inference_log_uri: str | None = None
     """Where the router logs one de-identified record per classified instance (Parquet parts, local or

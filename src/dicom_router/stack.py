@@ -32,7 +32,6 @@ from dicom_router.storage import S3Store, s3_connection
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-READY_TIMEOUT_S = 30.0
 
 
 class StackError(RuntimeError):
@@ -82,15 +81,21 @@ class Process:
         self.state_file.write_text(json.dumps(state, indent=2))
 
     def pid(self) -> int | None:
+        """The server's pid, only while that very process runs: the pid file also holds the process's
+        start time, so a stale file whose pid the kernel gave to another process reads as stopped."""
         try:
-            pid = int(self.pid_file.read_text())
+            pid_text, _, started = self.pid_file.read_text().partition(" ")
+            pid = int(pid_text)
             os.kill(pid, 0)
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        if started.strip() and started.strip() != _start_time(pid):
             return None
         return pid
 
     def start(self, argv: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None) -> int:
-        """Start detached unless already running; wait until ``ready()`` or fail naming the log."""
+        """Start detached unless already running; wait until ``ready()`` for as long as the process lives
+        (up to ``stack_ready_timeout_s``), or fail quoting the end of its log."""
         running = self.pid()
         if running is not None and ready():
             return running
@@ -104,17 +109,26 @@ class Process:
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
             )
-        self.pid_file.write_text(str(proc.pid))
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        self.pid_file.write_text(f"{proc.pid} {_start_time(proc.pid)}")
+        limit = self.settings.stack_ready_timeout_s
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise StackError(f"{self.name} exited with code {proc.returncode}; see {self.log_file}")
+                self.pid_file.unlink(missing_ok=True)
+                raise StackError(f"{self.name} exited with code {proc.returncode}: {self._log_tail()}")
             if ready():
                 log.info("%s started (pid %d)", self.name, proc.pid)
                 return proc.pid
             time.sleep(0.1)
         self.stop()
-        raise StackError(f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s; see {self.log_file}")
+        raise StackError(f"{self.name} not ready after {limit:.0f} s: {self._log_tail()}")
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"no log at {self.log_file}"
+        return f"{self.log_file} ends: " + " | ".join(line.strip() for line in tail if line.strip())
 
     def stop(self, timeout: float = 15.0) -> bool:
         """SIGTERM, then SIGKILL after ``timeout``; True if something was running."""
@@ -136,6 +150,15 @@ class Process:
         _reap(pid)
         log.info("%s stopped (pid %d)", self.name, pid)
         return True
+
+
+def _start_time(pid: int) -> str:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or "" where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def _reap(pid: int) -> None:
@@ -410,10 +433,10 @@ def orthanc_status(settings: Settings, name: str = "orthanc") -> dict[str, Any]:
 # --- the routing worker ----------------------------------------------------------------------------
 
 
-def router_up(settings: Settings) -> int:
+def router_up(settings: Settings, name: str = "router") -> int:
     """``dicom-router route`` as a detached process configured by ``settings`` (rules, retries, log); it
-    finds its Orthanc and model server in the stack's state."""
-    proc = Process("router", settings)
+    finds its Orthanc and model server in the stack's state. Several may run (``name``): rows are leased."""
+    proc = Process(name, settings)
     argv = [_tool("dicom-router"), "route"]
     return proc.start(argv, lambda: proc.pid() is not None, env=settings.as_env())
 
@@ -470,13 +493,21 @@ destination Orthanc)."""
 
 
 def up(settings: Settings) -> dict[str, Any]:
-    s3_up(settings)
-    mlflow_up(settings)
-    model_server_up(settings)
-    orthanc_up(settings)
-    router_up(settings)
-    evidently_up(settings)
-    drift_schedule_up(settings)
+    """Start every service that is not running; if one fails, stop those this call started."""
+    before = {name for name in SERVICES if Process(name, settings).pid() is not None}
+    try:
+        s3_up(settings)
+        mlflow_up(settings)
+        model_server_up(settings)
+        orthanc_up(settings)
+        router_up(settings)
+        evidently_up(settings)
+        drift_schedule_up(settings)
+    except BaseException:
+        for name in SERVICES:  # in stopping order
+            if name not in before:
+                Process(name, settings).stop()
+        raise
     return status(settings)
 
 

@@ -6,7 +6,6 @@ is ``InstanceGone`` (deleted by a user: nothing to route).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,6 +17,11 @@ class OrthancUnavailable(RuntimeError):
     """Orthanc refused the connection, timed out or answered 5xx."""
 
 
+class OrthancAuthError(OrthancUnavailable):
+    """Orthanc refused the credentials (401/403): reported and retried, since a fixed password or a
+    restarted Orthanc with its users restored brings the router back without a restart."""
+
+
 class InstanceGone(LookupError):
     """The instance is no longer in Orthanc."""
 
@@ -26,12 +30,20 @@ class UnknownModality(LookupError):
     """Orthanc does not know the destination (e.g. restarted without the worker's modalities)."""
 
 
-@dataclass(frozen=True)
-class Job:
-    id: str
-    state: str
-    """Orthanc's job state: Pending, Running, Success, Failure, Paused, Retry."""
-    error: str | None
+class ForwardFailed(RuntimeError):
+    """Orthanc could not deliver the instance (the destination refused it or could not be reached)."""
+
+
+STORE_TIMEOUT_S = 300.0
+"""Longer than Orthanc's own DICOM timeouts, so its answer (delivered or not) always comes first."""
+
+
+def _orthanc_error(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return f"{body.get('OrthancError') or body.get('Message')}: {body.get('Details', '')}".strip(": ")
+    except ValueError:
+        return f"HTTP {response.status_code}"
 
 
 class OrthancClient:
@@ -46,6 +58,8 @@ class OrthancClient:
             raise OrthancUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
         if response.status_code >= 500:
             raise OrthancUnavailable(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code in (401, 403):
+            raise OrthancAuthError(f"{method} {path}: HTTP {response.status_code}: credentials refused")
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -106,27 +120,25 @@ class OrthancClient:
         response = self._request("PUT", f"/modalities/{name}", json=peer.as_orthanc(allow_store=False))
         response.raise_for_status()
 
-    def store(self, modality: str, instance_ids: list[str]) -> str:
-        """Start an asynchronous C-STORE job; returns the job id (the callback path never waits on it)."""
-        response = self._request(
-            "POST",
-            f"/modalities/{modality}/store",
-            json={"Resources": instance_ids, "Synchronous": False, "Permissive": False},
-        )
+    def store(self, modality: str, instance_id: str) -> None:
+        """C-STORE one instance to ``modality`` and wait for the destination's answer (in the router's
+        worker threads: Orthanc's ingest and the stored-instance callback never wait on it)."""
+        try:
+            response = self.http.post(
+                f"{self.url}/modalities/{modality}/store",
+                json={"Resources": [instance_id], "Synchronous": True, "Permissive": False},
+                timeout=STORE_TIMEOUT_S,
+            )
+        except httpx.HTTPError as exc:
+            raise OrthancUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
+        if response.status_code in (401, 403):
+            raise OrthancAuthError(f"store: HTTP {response.status_code}: credentials refused")
         if response.status_code in (400, 404) and "modality" in response.text.lower():
             raise UnknownModality(modality)
-        response.raise_for_status()
-        return str(response.json()["ID"])
-
-    def job(self, job_id: str) -> Job:
-        response = self._request("GET", f"/jobs/{job_id}")
-        if response.status_code == 404:
-            return Job(job_id, "Unknown", "job not found (Orthanc restarted without saving it?)")
-        response.raise_for_status()
-        body = response.json()
-        state = str(body.get("State"))
-        error = None if state != "Failure" else f"{body.get('ErrorCode')}: {body.get('ErrorDescription')}"
-        return Job(job_id, state, error)
+        if response.status_code == 404:  # deleted since it was decided
+            raise InstanceGone(instance_id)
+        if response.status_code != 200:
+            raise ForwardFailed(_orthanc_error(response))
 
     def close(self) -> None:
         self.http.close()

@@ -13,7 +13,7 @@ from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError, NotDicom
 from dicom_router.routing.eligibility import projection_radiograph
 from dicom_router.routing.rules import UNROUTED, RoutingRules, Subject, decide, explain
-from dicom_router.routing.worker import Retry, header_tags
+from dicom_router.routing.worker import Retry, header_tags, read_header
 
 
 def dry_run(
@@ -27,7 +27,7 @@ def dry_run(
     tags_by_file: dict[str, dict[str, str]] = {}
     for path, data in files:
         try:
-            tags = header_tags(data, rules.tag_keywords())
+            tags = header_tags(read_header(data), rules.tag_keywords())
         except Retry as exc:
             subjects[path] = Subject(None, None, {}, error=f"{NotDicom.type}: {exc}")
             continue

@@ -5,9 +5,15 @@ callback, where the only allowed work is one cheap insert. The worker claims due
 classification on the row (so a retried forward never reclassifies), the forward job, and finally the
 outcome; every decision is also appended to ``audit``, never updated.
 
-Row states: ``pending`` (to classify) → ``forwarding`` (job submitted to Orthanc) → ``done``.
+Row states: ``pending`` (to classify) → ``forwarding`` (decided, to be sent) → ``done``.
 A row whose attempt failed goes back to ``pending``/``forwarding`` with ``next_attempt_at`` in the
-future (exponential backoff).
+future (exponential backoff); after ``max_attempts`` failures it becomes ``dead`` (a dead letter, listed
+by ``route --dead-letter`` and sent through routing again by ``route --replay``).
+
+Several workers may share one queue (``route --once`` beside the router, replicas): a worker only
+handles rows it has *claimed* under ``BEGIN IMMEDIATE`` with a lease (owner, expiry), so no two
+workers classify or forward one instance at once; a killed worker's rows come back when its lease
+expires.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ CREATE TABLE IF NOT EXISTS queue (
     rule TEXT,
     routed_to TEXT,
     destination TEXT,
-    job_id TEXT,
-    done_at REAL
+    done_at REAL,
+    sop_hash TEXT,
+    lease_owner TEXT,
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS queue_study ON queue (study_id);
@@ -59,6 +67,9 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+ADDED_COLUMNS = {"sop_hash": "TEXT", "lease_owner": "TEXT", "lease_until": "REAL"}
+"""Columns later releases added: a queue file written by an older router gains them on open."""
+
 COLUMNS = (
     "instance_id",
     "enqueued_at",
@@ -74,8 +85,8 @@ COLUMNS = (
     "rule",
     "routed_to",
     "destination",
-    "job_id",
     "done_at",
+    "sop_hash",
 )
 
 
@@ -97,8 +108,8 @@ class Item:
     rule: str | None
     routed_to: str | None
     destination: str | None
-    job_id: str | None
     done_at: float | None
+    sop_hash: str | None
 
     @property
     def classified(self) -> bool:
@@ -116,6 +127,10 @@ class RoutingQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes, cheap commits
         self._db.executescript(SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(queue)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE queue ADD COLUMN {name} {kind}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -139,24 +154,56 @@ class RoutingQueue:
             return cursor.rowcount == 1
 
     # --- the worker ----------------------------------------------------------------------------
+    def claim(self, owner: str, limit: int, lease_s: float, now: float | None = None) -> list[Item]:
+        """Lease up to ``limit`` due rows, oldest first, that no other worker holds: one transaction, so
+        two workers never get the same row."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state IN ('pending', 'forwarding') "
+                "AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
+                "ORDER BY enqueued_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE instance_id = ?",
+                [(owner, now + lease_s, row[0]) for row in rows],
+            )
+        return [Item(*row) for row in rows]
+
+    def hold(self, owner: str, instance_ids: list[str], lease_s: float) -> list[str]:
+        """Renew ``owner``'s lease on those rows it still holds; returns them (checked before a forward,
+        so a worker whose lease ran out never sends what another worker now owns)."""
+        now = time.time()
+        held: list[str] = []
+        with self._tx() as db:
+            for instance_id in instance_ids:
+                cursor = db.execute(
+                    "UPDATE queue SET lease_until = ? WHERE instance_id = ? AND lease_owner = ? "
+                    "AND lease_until > ?",
+                    (now + lease_s, instance_id, owner, now),
+                )
+                if cursor.rowcount == 1:
+                    held.append(instance_id)
+        return held
+
+    def release(self, owner: str, instance_ids: list[str]) -> None:
+        """End ``owner``'s leases on these rows (handled, or put back for later)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE queue SET lease_owner = NULL, lease_until = NULL "
+                "WHERE instance_id = ? AND lease_owner = ?",
+                [(i, owner) for i in instance_ids],
+            )
+
     def due(self, limit: int, now: float | None = None) -> list[Item]:
-        """Rows whose next attempt is due, oldest first."""
+        """Rows whose next attempt is due, oldest first (without claiming them)."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state IN ('pending', 'forwarding') "
                 "AND next_attempt_at <= ? ORDER BY enqueued_at LIMIT ?",
                 (now, limit),
-            ).fetchall()
-        return [Item(*row) for row in rows]
-
-    def ready_to_forward(self, now: float | None = None) -> list[Item]:
-        """Decided instances with a destination and no job yet (new, or whose last job failed), due now."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state = 'forwarding' AND job_id IS NULL "
-                "AND next_attempt_at <= ? ORDER BY enqueued_at",
-                (time.time() if now is None else now,),
             ).fetchall()
         return [Item(*row) for row in rows]
 
@@ -177,12 +224,22 @@ class RoutingQueue:
                 f"UPDATE queue SET {assignments} WHERE instance_id = ?", (*fields.values(), instance_id)
             )
 
-    def retry_later(self, instance_id: str, error: str, *, base_s: float, cap_s: float) -> float:
-        """Back off exponentially (base·2^attempts, capped); returns the delay."""
+    def retry_later(
+        self, instance_id: str, error: str, *, base_s: float, cap_s: float, max_attempts: int | None = None
+    ) -> float | None:
+        """Back off exponentially (base·2^attempts, capped); returns the delay, or None when this was
+        the last of ``max_attempts`` and the row became a dead letter."""
         with self._tx() as db:
             (attempts,) = db.execute(
                 "SELECT attempts FROM queue WHERE instance_id = ?", (instance_id,)
             ).fetchone()
+            if max_attempts is not None and attempts + 1 >= max_attempts:
+                db.execute(
+                    "UPDATE queue SET attempts = attempts + 1, state = 'dead', last_error = ?, "
+                    "done_at = ? WHERE instance_id = ?",
+                    (error, time.time(), instance_id),
+                )
+                return None
             delay = min(cap_s, base_s * 2**attempts)
             db.execute(
                 "UPDATE queue SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
@@ -190,6 +247,38 @@ class RoutingQueue:
                 (time.time() + delay, error, instance_id),
             )
         return float(delay)
+
+    def defer(self, instance_id: str, error: str, delay_s: float) -> None:
+        """Try again after ``delay_s`` without spending an attempt: the fault was not this instance's
+        (the model server or Orthanc unreachable)."""
+        self.update(instance_id, next_attempt_at=time.time() + delay_s, last_error=error)
+
+    def dead_letters(self) -> list[Item]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state = 'dead' ORDER BY enqueued_at"
+            ).fetchall()
+        return [Item(*row) for row in rows]
+
+    def replay(self, key: str | None = None) -> list[str]:
+        """Send dead letters through routing again (``key``: a SOP hash or Orthanc id; None: all), with
+        fresh attempts; a classification already made is kept. Returns the instance ids."""
+        where, args = (
+            ("state = 'dead'", ())
+            if key is None
+            else (
+                "state = 'dead' AND (sop_hash = ? OR instance_id = ?)",
+                (key, key),
+            )
+        )
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(f"SELECT instance_id FROM queue WHERE {where}", args)]
+            db.executemany(
+                "UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = 0, done_at = NULL, "
+                "lease_owner = NULL, lease_until = NULL WHERE instance_id = ?",
+                [(i,) for i in ids],
+            )
+        return ids
 
     def study_labels(self, study_id: str) -> set[str]:
         """Labels the model gave the study's instances so far (for the conflict flag)."""

@@ -1,19 +1,24 @@
 """The routing worker: queue → Orthanc file → model server → rules → metadata → asynchronous forward.
 
 Each queued instance is handled on its own (a thread pool lets the model server batch concurrent
-ones); whatever cannot be done now (model server, Orthanc or a destination down) goes back to the
-queue with exponential backoff, so nothing is lost and nothing blocks. The classification is kept on
-the queue row, so a retried forward never reclassifies, and the metadata writes are idempotent.
-A restart replays Orthanc's ``/changes`` log from the last position seen, so instances stored while
-the worker (or the hook) was away are found again.
+ones) and forwarded in a store job of its own; whatever cannot be done now goes back to the queue
+with exponential backoff, so nothing is lost and nothing blocks: an outage (model server or Orthanc
+unreachable) spends no attempt, a failure of the instance's own does, and after
+``route_max_attempts`` it is a dead letter in review. The classification is kept on the queue row,
+so a retried forward never reclassifies, and the metadata writes are idempotent. A restart replays
+Orthanc's ``/changes`` log from the last position seen, so instances stored while the worker (or the
+hook) was away are found again.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,22 +26,29 @@ from functools import partial
 from typing import Any
 
 import pydicom
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_router.config import Settings
+from dicom_router.dicom.deid import load_key, uid_hash
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.orthanc.config import Peer
-from dicom_router.orthanc.rest import InstanceGone, OrthancClient, OrthancUnavailable, UnknownModality
+from dicom_router.orthanc.rest import (
+    ForwardFailed,
+    InstanceGone,
+    OrthancClient,
+    OrthancUnavailable,
+    UnknownModality,
+)
 from dicom_router.routing.eligibility import projection_radiograph
 from dicom_router.routing.queue import Item, RoutingQueue
-from dicom_router.routing.rules import UNROUTED, RoutingRules, Subject, decide
-from dicom_router.serving.client import Classification, ModelClient, ModelUnavailable
+from dicom_router.routing.rules import REVIEW, UNROUTED, RoutingRules, Subject, decide
+from dicom_router.serving.client import Classification, ModelClient, ModelFailed, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 CHANGES_SEQ = "orthanc_changes_seq"
 RECOVER_EVERY_S = 30.0
-JOB_POLL_S = 0.2
 HEADER_KEYWORDS = ("SOPClassUID", "Modality", "NumberOfFrames")
 
 ClassificationHook = Callable[[str, bytes, Classification], None]
@@ -47,12 +59,16 @@ class Retry(Exception):
     """Try this instance again later; the message says why."""
 
 
-def header_tags(data: bytes, keywords: list[str]) -> dict[str, str]:
-    """The header values rules and eligibility read, as strings (pixels are never parsed here)."""
+def read_header(data: bytes) -> Dataset:
+    """The header of an instance Orthanc returned (pixels are never parsed here)."""
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     except (InvalidDicomError, ValueError, EOFError) as exc:
-        raise Retry(f"Orthanc returned an unreadable file: {exc}") from None
+        raise Retry(f"Orthanc returned an unreadable file: {exc.__class__.__name__}") from None
+
+
+def header_tags(dataset: Dataset, keywords: list[str]) -> dict[str, str]:
+    """The header values rules and eligibility read, as strings."""
     tags: dict[str, str] = {}
     for keyword in {*HEADER_KEYWORDS, *keywords}:
         value = dataset.get(keyword)
@@ -74,9 +90,14 @@ class Router:
 
     def __post_init__(self) -> None:
         self._keywords = self.rules.tag_keywords()
+        self._key = load_key(self.settings)
         self._destinations_checked = 0.0
         self._last_recover = 0.0
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.route_concurrency))
+        self._outages = 0
+        """Consecutive outages (model server or Orthanc unreachable): the wait grows with them."""
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This worker's name on the queue rows it leases."""
 
     # --- finding work ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -120,9 +141,14 @@ class Router:
                 if time.monotonic() - self._last_recover > RECOVER_EVERY_S:
                     self.recover()
                 handled = self.step()
-            except OrthancUnavailable as exc:
-                log.warning("Orthanc unavailable (%s); waiting", exc)
-                stop.wait(self.settings.route_retry_base_s)
+            except OrthancUnavailable as exc:  # unreachable, or refusing our credentials: wait, never exit
+                delay = self._outage_delay()
+                log.warning("Orthanc unavailable (%s); retrying in %.1f s", exc, delay)
+                stop.wait(delay)
+                continue
+            except Exception:  # a bug in one pass must not end the router: log it and go on
+                log.exception("routing pass failed; retrying")
+                stop.wait(self._outage_delay())
                 continue
             if not handled:
                 stop.wait(self.settings.route_poll_s)
@@ -141,39 +167,44 @@ class Router:
         return self.queue.counts()
 
     def step(self) -> int:
-        """Handle every due instance once; returns how many were due.
+        """Claim due instances (a lease, so no other worker takes them), handle each once, release
+        them; returns how many were claimed.
 
         New instances are classified concurrently (so the model server can batch them); decided ones
         are forwarded in one Orthanc job per destination, and each job is checked once per step.
         """
-        items = self.queue.due(limit=max(8, 4 * self.settings.route_concurrency))
+        limit = max(8, 4 * self.settings.route_concurrency)
+        items = self.queue.claim(self.owner, limit, self.settings.route_lease_s)
         if not items:
             return 0
-        self.ensure_destinations()
-        fresh = [i for i in items if i.state == "pending"]
-        list(self._pool.map(lambda item: self._guard([item], partial(self._route, item)), fresh))
-        jobs: dict[str, list[Item]] = {}
-        for item in items:
-            if item.state == "forwarding" and item.job_id is not None:
-                jobs.setdefault(item.job_id, []).append(item)
-        for job_id, group in jobs.items():
-            self._guard(group, partial(self._follow, job_id, group))
-        destinations: dict[str, list[Item]] = {}
-        for item in self.queue.ready_to_forward():
-            destinations.setdefault(str(item.destination), []).append(item)
-        for destination, group in destinations.items():
-            self._guard(group, partial(self._forward, destination, group))
+        try:
+            self.ensure_destinations()
+            fresh = [i for i in items if i.state == "pending"]
+            list(self._pool.map(lambda item: self._guard([item], partial(self._route, item)), fresh))
+            decided = [
+                current
+                for current in filter(None, (self.queue.get(i.instance_id) for i in items))
+                if current.state == "forwarding" and current.next_attempt_at <= time.time()
+            ]
+            list(self._pool.map(lambda item: self._guard([item], partial(self._forward, item)), decided))
+        finally:
+            self.queue.release(self.owner, [i.instance_id for i in items])
         return len(items)
 
     def _guard(self, items: list[Item], action: Callable[[], None]) -> None:
-        """Run ``action`` on ``items``; whatever cannot be done now puts them back with backoff."""
+        """Run ``action`` on ``items``. An outage (model server or Orthanc unreachable) puts them back
+        without spending an attempt; a failure of their own spends one, and the last ends in review."""
         try:
             action()
         except InstanceGone:
             for item in items:
-                self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error="deleted")
-                self.queue.audit(item, "gone", "deleted from Orthanc before it was routed")
-        except (Retry, ModelUnavailable, OrthancUnavailable, UnknownModality) as exc:
+                self._gone(item)
+        except (ModelUnavailable, OrthancUnavailable) as exc:
+            delay = self._outage_delay()
+            for item in items:
+                self.queue.defer(item.instance_id, f"{exc.__class__.__name__}: {exc}", delay)
+            log.warning("%d instance(s) wait %.1f s: %s", len(items), delay, exc)
+        except (Retry, ModelFailed, UnknownModality) as exc:
             if isinstance(exc, UnknownModality):
                 self._destinations_checked = 0.0
             self._retry(items, exc)
@@ -181,20 +212,51 @@ class Router:
             log.exception("%s: unexpected failure; will retry", ", ".join(i.instance_id for i in items))
             self._retry(items, exc)
 
+    def _outage_delay(self) -> float:
+        """The next wait of an outage: base·2^(outages so far), capped; a success resets it."""
+        self._outages += 1
+        base, cap = self.settings.route_retry_base_s, self.settings.route_retry_cap_s
+        return float(min(cap, base * 2 ** min(self._outages, 32)))
+
+    def _gone(self, item: Item) -> None:
+        self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error="deleted")
+        self.queue.audit(item, "gone", "deleted from Orthanc before it was routed")
+
     def _retry(self, items: list[Item], exc: Exception) -> None:
+        reason = f"{exc.__class__.__name__}: {exc}"
+        delays: list[float] = []
         for item in items:
             delay = self.queue.retry_later(
                 item.instance_id,
-                f"{exc.__class__.__name__}: {exc}",
+                reason,
                 base_s=self.settings.route_retry_base_s,
                 cap_s=self.settings.route_retry_cap_s,
+                max_attempts=self.settings.route_max_attempts,
             )
-        log.info("%d instance(s): retry in %.1f s (%s)", len(items), delay, exc)
+            if delay is None:
+                self._dead_letter(item, reason)
+            else:
+                delays.append(delay)
+        if delays:
+            log.info("%d instance(s): retry in %.1f s (%s)", len(delays), max(delays), reason)
+
+    def _dead_letter(self, item: Item, reason: str) -> None:
+        """Out of attempts: marked for review in Orthanc (best effort) and kept for ``--replay``."""
+        log.warning("%s: dead letter after %d attempts (%s)", item.instance_id, item.attempts + 1, reason)
+        self.queue.audit(item, "dead-letter", reason)
+        try:
+            self.orthanc.set_metadata("instances", item.instance_id, "RoutedTo", REVIEW)
+            self.orthanc.set_metadata("instances", item.instance_id, "RoutingError", f"DeadLetter: {reason}")
+        except (OrthancUnavailable, InstanceGone) as exc:
+            log.warning("%s: could not mark the dead letter in Orthanc: %s", item.instance_id, exc)
 
     # --- one instance ----------------------------------------------------------------------------
     def _route(self, item: Item) -> None:
         data = self.orthanc.instance_file(item.instance_id)
-        tags = header_tags(data, self._keywords)
+        dataset = read_header(data)
+        tags = header_tags(dataset, self._keywords)
+        if item.sop_hash is None:  # how ``route --replay`` and reviewers name it, without the UID
+            self.queue.update(item.instance_id, sop_hash=uid_hash(self._key, dataset, "SOPInstanceUID"))
         if not item.classified:
             item = self._classify(item, data, tags)
         study_id = item.study_id or self.orthanc.parent_study(item.instance_id)
@@ -228,7 +290,7 @@ class Router:
             self.queue.update(item.instance_id, state="done", done_at=time.time())
             self.queue.audit(decided, "kept", "no destination: stays in Orthanc")
         else:  # forwarded with the others for the same destination at the end of this step
-            self.queue.update(item.instance_id, state="forwarding", job_id=None, next_attempt_at=0.0)
+            self.queue.update(item.instance_id, state="forwarding", next_attempt_at=0.0)
 
     def _classify(self, item: Item, data: bytes, tags: dict[str, str]) -> Item:
         eligible, reason = projection_radiograph(tags)
@@ -244,6 +306,7 @@ class Router:
             except DicomInputError as exc:
                 fields |= {"routing_error": f"{exc.type}: {exc.reason}"}
             else:
+                self._outages = 0
                 fields |= {
                     "body_part": answer.label,
                     "confidence": answer.confidence,
@@ -270,23 +333,16 @@ class Router:
         for name, value in values.items():
             self.orthanc.set_metadata("instances", item.instance_id, name, value)
 
-    def _forward(self, destination: str, items: list[Item]) -> None:
-        """One asynchronous C-STORE job for every instance decided for ``destination``."""
-        job_id = self.orthanc.store(destination, [i.instance_id for i in items])
-        for item in items:
-            self.queue.update(item.instance_id, job_id=job_id, next_attempt_at=time.time() + JOB_POLL_S)
-
-    def _follow(self, job_id: str, items: list[Item]) -> None:
-        job = self.orthanc.job(job_id)
-        if job.state == "Success":
-            for item in items:
-                self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error=None)
-                self.queue.audit(item, "delivered", f"job {job.id}")
-        elif job.state in ("Failure", "Unknown"):
-            for item in items:
-                self.queue.update(item.instance_id, job_id=None)
-                self.queue.audit(item, "forward-failed", job.error)
-            raise Retry(f"forward to {items[0].destination} failed: {job.error}")
-        else:
-            for item in items:
-                self.queue.update(item.instance_id, next_attempt_at=time.time() + JOB_POLL_S)
+    def _forward(self, item: Item) -> None:
+        """One C-STORE of this instance alone, sent only while this worker still holds it (lease renewed
+        first) and waited for here (Orthanc's job history forgets finished jobs, so polling them could
+        re-send); a refused store is retried alone, never re-sending others already delivered."""
+        if not self.queue.hold(self.owner, [item.instance_id], self.settings.route_lease_s):
+            return
+        try:
+            self.orthanc.store(str(item.destination), item.instance_id)
+        except ForwardFailed as exc:
+            self.queue.audit(item, "forward-failed", str(exc))
+            raise Retry(f"forward to {item.destination} failed: {exc}") from None
+        self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error=None)
+        self.queue.audit(item, "delivered", str(item.destination))

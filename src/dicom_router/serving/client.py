@@ -4,8 +4,8 @@ DICOM goes as a BYTES tensor holding base64 text in the JSON body: KServe 0.21's
 binary-extension BYTES inputs as UTF-8 and fails on arbitrary bytes, so binary data is not an option.
 
 The routing worker and the benchmarks use it. A typed 4xx from the server comes back as the same
-``DicomInputError`` subclass; anything that means "try again later" (refused connection, timeout, 5xx,
-model not ready) is ``ModelUnavailable``.
+``DicomInputError`` subclass; an outage (refused connection, no model loaded, 503) is
+``ModelUnavailable``; a failure on this request (other 5xx, timeout) is ``ModelFailed``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
 
 
 class ModelUnavailable(RuntimeError):
-    """The model server cannot answer now; the caller keeps the work and retries later."""
+    """The model server cannot be reached or has no model loaded: an outage, not this instance's fault;
+    the caller keeps the work and retries later."""
+
+
+class ModelFailed(RuntimeError):
+    """The model server failed on this request (5xx, timeout): retried, a bounded number of times."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,17 @@ class ModelClient:
         body, _ = request.to_rest()
         try:
             response = self.http.post(f"{self.url}/v2/models/{MODEL_NAME}/infer", json=body)
+        except httpx.TimeoutException as exc:
+            raise ModelFailed(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
         except httpx.HTTPError as exc:
             raise ModelUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
-        if 400 <= response.status_code < 500 and response.status_code not in (404, 408, 429):
+        status = response.status_code
+        if 400 <= status < 500 and status not in (404, 408, 429):
             raise _typed_error(path, response)
-        if response.status_code != 200:
-            raise ModelUnavailable(f"{self.url}: HTTP {response.status_code}: {response.text[:200]}")
+        if status in (404, 429, 503):  # no model loaded yet, overloaded, not ready
+            raise ModelUnavailable(f"{self.url}: HTTP {status}: {response.text[:200]}")
+        if status != 200:
+            raise ModelFailed(f"{self.url}: HTTP {status}: {response.text[:200]}")
         result = InferResponse.from_rest(response.json())
         out = {o.name: o.as_numpy() for o in result.outputs}
         labels = str((result.parameters or {}).get("labels", "")).split(",")

@@ -16,7 +16,8 @@ import concurrent.futures
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -44,6 +45,7 @@ BATCH_SIZE = Histogram(
 )
 RUN_SECONDS = Histogram("dicom_router_model_run_seconds", "ONNX Runtime time per batch")
 RELOADS = Counter("dicom_router_model_reloads_total", "Model versions loaded after the alias moved")
+DECODER_CRASHES = Counter("dicom_router_decoder_crashes_total", "Decode worker processes that died")
 
 
 @dataclass
@@ -147,26 +149,67 @@ def _warm() -> None:
     """Import the decoder stack in a fresh worker so the first request does not pay for it."""
 
 
+def _isolated(job: Callable[[], Prepared], path: str) -> Prepared:
+    """Run ``job`` alone in a fresh process: after a pool crash, this tells the file that kills its
+    decoder (it kills this process too and is refused) from the requests that merely shared the pool."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as one:
+        try:
+            return one.submit(job).result()
+        except BrokenProcessPool:
+            raise InvalidPixelData(path, "the decoder process died on this file (retried alone)") from None
+
+
 class DecodePool:
-    """Spawned processes that turn DICOM bytes into model inputs (``inference.prepare``)."""
+    """Spawned processes that turn DICOM bytes into model inputs (``inference.prepare``).
+
+    A worker that dies (a codec's segfault, the OOM killer) breaks a ``ProcessPoolExecutor`` for good;
+    here the broken pool is replaced at once and each request it held is run again alone, so only the
+    file that kills a decoder fails (with a typed error) and every later request is served.
+    """
 
     def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor = self._start()
+        self._replacing = asyncio.Lock()
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")  # no fork after ONNX Runtime/torch threads exist
-        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
-        for future in [self.executor.submit(_warm) for _ in range(workers)]:
+        executor = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        for future in [executor.submit(_warm) for _ in range(self.workers)]:
             future.result()
+        return executor
+
+    @property
+    def healthy(self) -> bool:
+        """False while the pool is broken (until its replacement is up): readiness reports it."""
+        return not getattr(self.executor, "_broken", False)
 
     async def prepare_all(
         self, items: Sequence[bytes], config: PreprocessConfig, max_pixels: int
     ) -> list[Prepared]:
-        loop = asyncio.get_running_loop()
-        futures = [
-            loop.run_in_executor(
-                self.executor, partial(prepare, data, f"instances[{i}]", config, max_pixels=max_pixels)
-            )
+        jobs = [
+            self._prepare(partial(prepare, data, f"instances[{i}]", config, max_pixels=max_pixels))
             for i, data in enumerate(items)
         ]
-        return list(await asyncio.gather(*futures))
+        return list(await asyncio.gather(*jobs))
+
+    async def _prepare(self, job: partial[Prepared]) -> Prepared:
+        loop = asyncio.get_running_loop()
+        executor = self.executor
+        try:
+            return await loop.run_in_executor(executor, job)
+        except BrokenProcessPool:
+            DECODER_CRASHES.inc()
+            await self._replace(executor)
+        return await loop.run_in_executor(None, _isolated, job, str(job.args[1]))
+
+    async def _replace(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
+        async with self._replacing:
+            if self.executor is not broken:  # another request already replaced it
+                return
+            log.warning("a decode worker died; replacing the pool of %d", self.workers)
+            self.executor = await asyncio.get_running_loop().run_in_executor(None, self._start)
+            broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -300,6 +343,10 @@ class BodyPartModel(Model):  # type: ignore[misc]
                     self._swap(await loop.run_in_executor(None, self._resolve))
             except Exception as exc:  # the registry being away must not stop serving the current model
                 log.warning("alias poll of %s failed: %s", self.model_uri, exc)
+
+    async def healthy(self) -> bool:
+        """Ready only with a model loaded and a working decode pool (KServe's readiness asks this)."""
+        return bool(self.ready) and self.pool is not None and self.pool.healthy
 
     def stop(self) -> None:
         if self.pool is not None:

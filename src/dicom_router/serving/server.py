@@ -62,6 +62,20 @@ class BodyLimit(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+class Readiness(BaseHTTPMiddleware):
+    """``/v2/health/ready`` (the probes' path) answers 503 unless the model is loaded and its decode
+    pool works: KServe's own server readiness is always true for a predictor."""
+
+    def __init__(self, app: Any, model: BodyPartModel) -> None:
+        super().__init__(app)
+        self.model = model
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if request.url.path == "/v2/health/ready" and not await self.model.healthy():
+            return JSONResponse(status_code=HTTPStatus.SERVICE_UNAVAILABLE, content={"ready": False})
+        return await call_next(request)
+
+
 class BoundModelServer(ModelServer):  # type: ignore[misc]
     """KServe's model server on a chosen host; the model registers even before its first version exists."""
 
@@ -74,6 +88,7 @@ class BoundModelServer(ModelServer):  # type: ignore[misc]
         self.register_model(model)
         kserve_app.add_exception_handler(DicomInputError, _dicom_error)
         kserve_app.add_middleware(BodyLimit, limit=self.max_request_bytes)
+        kserve_app.add_middleware(Readiness, model=model)
         rest = RESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port
         )
