@@ -13,10 +13,8 @@ import functools
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,6 @@ import yaml
 
 from dicom_router.config import REPO_ROOT, Settings
 from dicom_router.orthanc.config import Peer, orthanc_config
-from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules
 from dicom_router.serving.inferenceservice import (
     InferenceServiceSpec,
@@ -310,7 +307,7 @@ def test_no_plaintext_secret_only_references_to_existing_secrets(value_set: str)
     for where, pod, _, _ in pod_specs(docs):
         for container in pod.get("initContainers", []) + pod["containers"]:
             for var in _env(container):
-                if "valueFrom" in var:
+                if "secretKeyRef" in var.get("valueFrom", {}):
                     referenced.add(var["valueFrom"]["secretKeyRef"]["name"])
                 elif SECRET_NAME.search(var["name"]):
                     # Only Kubernetes' $(VAR) expansion of variables that come from Secrets.
@@ -511,34 +508,15 @@ def test_default_routing_rules_are_valid_for_the_worker(value_set: str) -> None:
     assert rules.default == "review"
 
 
-def test_worker_liveness_fails_only_when_a_queued_instance_is_stuck(tmp_path: Path) -> None:
-    deployment, config_map = _orthanc(render("default"))
+def test_the_worker_serves_health_on_its_pod_address_and_liveness_reads_it() -> None:
+    deployment, _ = _orthanc(render("default"))
     worker = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "worker")
-    command = worker["livenessProbe"]["exec"]["command"]
-    assert command[:2] == ["python", "/etc/dicom-router/liveness.py"]
-    script = tmp_path / "liveness.py"
-    script.write_text(config_map["data"]["liveness.py"])
-    queue_path = tmp_path / "routing" / "queue.db"
-
-    def alive() -> bool:
-        probe = [sys.executable, str(script), str(queue_path), "600"]
-        return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
-
-    assert alive()  # no queue yet: Orthanc has stored nothing
-    queue = RoutingQueue(queue_path)
-    queue.enqueue("fresh-instance")
-    assert alive()
-    queue.enqueue("old-instance")
-    with sqlite3.connect(queue_path) as db:
-        db.execute(
-            "UPDATE queue SET enqueued_at = ? WHERE instance_id = 'old-instance'", (time.time() - 3600,)
-        )
-    assert not alive()
-    with sqlite3.connect(queue_path) as db:  # backing off (model server down) is not stuck
-        db.execute(
-            "UPDATE queue SET next_attempt_at = ? WHERE instance_id = 'old-instance'", (time.time() + 60,)
-        )
-    assert alive()
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/health", "port": "router-http"}
+    assert {"name": "router-http", "containerPort": 9090, "protocol": "TCP"} in worker["ports"]
+    host = next(e for e in worker["env"] if e["name"] == "DICOM_ROUTER_ROUTE_HOST")
+    assert host["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert _env_value(worker, "DICOM_ROUTER_ROUTE_PORT") == "9090"
+    assert float(_env_value(worker, "DICOM_ROUTER_ROUTE_STUCK_AFTER_S")) > 0
 
 
 def test_drift_cronjob_runs_the_contracts_command_and_an_alert_is_not_retried() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_router.routing.eligibility import projection_radiograph
+from dicom_router.routing.health import health
 from dicom_router.routing.queue import RoutingQueue
 
 
@@ -147,3 +148,17 @@ def test_a_queue_file_from_an_older_release_gains_the_new_columns(tmp_path: Path
     old.close()
     queue = RoutingQueue(path)
     assert [i.instance_id for i in queue.claim("w", limit=5, lease_s=60)] == ["old"]
+
+
+def test_health_fails_only_when_routing_stops_moving(queue: RoutingQueue) -> None:
+    now = time.time()
+    queue.enqueue("waiting")
+    queue.update("waiting", next_attempt_at=now + 60)  # backing off (model server down): not stuck
+    stats = queue.stats(now=now)
+    assert health(stats, last_pass_age_s=1.0, stuck_after_s=600)[0] is True
+    assert health(stats, last_pass_age_s=700.0, stuck_after_s=600) == (False, "no routing pass for 700 s")
+    queue.enqueue("stuck")
+    queue.update("stuck", enqueued_at=now - 900)
+    ok, reason = health(queue.stats(now=now), last_pass_age_s=1.0, stuck_after_s=600)
+    assert not ok and reason == "an instance has been due for 900 s"
+    assert queue.stats(now=now).by_state == {"pending": 2}

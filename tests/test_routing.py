@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -289,6 +290,12 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
     assert orthanc.metadata("instances", late)["RoutedTo"] == "review"
     delivered = [h["instance_id"] for h in queue.history() if h["outcome"] == "delivered"]
     assert len(delivered) == 51 and late not in delivered
+    router_url = stack.router_status(settings)["url"]
+    assert httpx.get(f"{router_url}/health").json()["ok"] is True
+    metrics = httpx.get(f"{router_url}/metrics").text
+    assert "dicom_router_dead_letters 1.0" in metrics
+    forwarded = [line for line in metrics.splitlines() if line.startswith("dicom_router_forwarded{")]
+    assert sum(float(line.split()[-1]) for line in forwarded) == 51
 
     listed = run_cli("route", "--dead-letter", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -50,15 +50,19 @@ def test_stack_up_status_down_round_trip_keeps_data_and_credentials(stack_settin
     )
     assert state["model_server"]["running"] is True and state["router"]["running"] is True
     assert state["evidently"]["running"] is True and state["drift"]["running"] is True
-    server_pid = int((settings.stack_dir / "model_server.pid").read_text())
+    server_pid = stack.Process("model_server", settings).pid()
+    assert server_pid is not None
     assert _listening_addresses(server_pid) == {"127.0.0.1"}
+    router_pid = stack.Process("router", settings).pid()
+    assert router_pid is not None and _listening_addresses(router_pid) == {"127.0.0.1"}  # /health
     orthanc_config = json.loads((settings.stack_dir / "orthanc" / "orthanc.json").read_text())
     assert orthanc_config["RemoteAccessAllowed"] is False and orthanc_config["DicomAlwaysAllowStore"] is False
     assert stat.S_IMODE((settings.stack_dir / "orthanc" / "orthanc.json").stat().st_mode) == 0o600
 
     creds = settings.secrets_dir / "s3-credentials.json"
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
-    pid = int((settings.stack_dir / "s3.pid").read_text())
+    pid = stack.Process("s3", settings).pid()
+    assert pid is not None
     assert _listening_addresses(pid) == {"127.0.0.1"}
 
     store = open_store(f"s3://{settings.s3_bucket}/keep", settings)

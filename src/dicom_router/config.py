@@ -147,8 +147,12 @@ class Settings(BaseSettings):
     after which an instance becomes a dead letter, marked ``RoutedTo=review`` with its reason."""
     route_lease_s: float = 120.0
     """How long a router owns the queue rows it claimed; a killed router's rows return after this."""
+    route_host: str = "127.0.0.1"
     route_port: int = 0
-    """Port of the router's health and ``/metrics`` endpoint; 0 picks a free one at first start."""
+    """Where the router serves ``/health`` and ``/metrics`` (a pod binds its pod address); port 0 picks
+    a free one."""
+    route_stuck_after_s: float = 600.0
+    """``/health`` fails when routing made no pass, or an instance has been due, for this long."""
 
     inference_log_uri: str | None = None
     """Where the router logs one de-identified record per classified instance (Parquet parts, local or

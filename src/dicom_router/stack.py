@@ -437,8 +437,20 @@ def router_up(settings: Settings, name: str = "router") -> int:
     """``dicom-router route`` as a detached process configured by ``settings`` (rules, retries, log); it
     finds its Orthanc and model server in the stack's state. Several may run (``name``): rows are leased."""
     proc = Process(name, settings)
+    port = settings.route_port or proc.state().get("port") or free_port()
+    url = f"http://{HOST}:{port}"
+    proc.save_state({"url": url, "port": port})
     argv = [_tool("dicom-router"), "route"]
-    return proc.start(argv, lambda: proc.pid() is not None, env=settings.as_env())
+    env = {**settings.as_env(), "DICOM_ROUTER_ROUTE_HOST": HOST, "DICOM_ROUTER_ROUTE_PORT": str(port)}
+    return proc.start(argv, lambda: _port_open(port), env=env)
+
+
+def router_status(settings: Settings, name: str = "router") -> dict[str, Any]:
+    """Running means the process lives and its ``/health`` says routing moves."""
+    proc = Process(name, settings)
+    url = proc.state().get("url")
+    alive = proc.pid() is not None and url is not None
+    return {"url": url, "running": alive and http_ok(f"{url}/health")}
 
 
 # --- monitoring: the Evidently UI and the scheduled drift run -------------------------------------
@@ -525,7 +537,7 @@ def status(settings: Settings) -> dict[str, Any]:
         "mlflow": mlflow_status(settings),
         "model_server": model_server_status(settings),
         "orthanc": orthanc_status(settings),
-        "router": {"running": Process("router", settings).pid() is not None},
+        "router": router_status(settings),
         "evidently": evidently_status(settings),
         "drift": {"running": Process("drift", settings).pid() is not None, "every": settings.drift_every},
     }

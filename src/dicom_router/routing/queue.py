@@ -116,6 +116,17 @@ class Item:
         return self.body_part is not None or self.routing_error is not None
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    """What the router's ``/health`` and ``/metrics`` report."""
+
+    by_state: dict[str, int]
+    oldest_due_age_s: float
+    attempts: int
+    dead: int
+    delivered: dict[str, int]
+
+
 class RoutingQueue:
     """Thread-safe access to the queue file; each process opens its own."""
 
@@ -294,6 +305,28 @@ class RoutingQueue:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall()
         return {state: n for state, n in rows}
+
+    def stats(self, now: float | None = None) -> QueueStats:
+        now = time.time() if now is None else now
+        with self._lock:
+            by_state = dict(self._db.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall())
+            oldest, attempts = self._db.execute(
+                "SELECT MIN(MAX(enqueued_at, next_attempt_at)), COALESCE(SUM(attempts), 0) FROM queue "
+                "WHERE state IN ('pending', 'forwarding') AND next_attempt_at <= ?",
+                (now,),
+            ).fetchone()
+            delivered = dict(
+                self._db.execute(
+                    "SELECT destination, COUNT(*) FROM audit WHERE outcome = 'delivered' GROUP BY destination"
+                ).fetchall()
+            )
+        return QueueStats(
+            by_state=by_state,
+            oldest_due_age_s=0.0 if oldest is None else max(0.0, now - oldest),
+            attempts=int(attempts),
+            dead=by_state.get("dead", 0),
+            delivered={str(k): int(v) for k, v in delivered.items()},
+        )
 
     def known(self, instance_ids: list[str]) -> set[str]:
         found: set[str] = set()

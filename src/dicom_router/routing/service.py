@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dicom_router import stack
 from dicom_router.config import Settings
 from dicom_router.monitoring.inference_log import InferenceLog, InstanceLogger
+from dicom_router.routing.health import HealthServer
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules
 from dicom_router.routing.worker import Router
@@ -45,8 +46,26 @@ def drain(settings: Settings, rules: RoutingRules, timeout_s: float = 600.0) -> 
 
 
 def run_forever(settings: Settings, rules: RoutingRules) -> None:
+    """Route until SIGTERM, serving ``/health`` and ``/metrics`` meanwhile."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with inference_logger(settings) as logger:
-        router(settings, rules, logger).run(stop)
+        worker = router(settings, rules, logger)
+
+        def lost() -> dict[str, float]:
+            """Inference-log records dropped (queue full, storage away) or that failed to decode."""
+            return {
+                "inference_log_dropped": float(logger.dropped + logger.log.dropped),
+                "inference_log_failed": float(logger.failed),
+            }
+
+        with HealthServer(
+            worker.queue,
+            settings.route_host,
+            settings.route_port,
+            last_pass=lambda: worker.last_pass,
+            stuck_after_s=settings.route_stuck_after_s,
+            extra=lost,
+        ):
+            worker.run(stop)

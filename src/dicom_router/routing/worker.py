@@ -95,6 +95,8 @@ class Router:
         self._last_recover = 0.0
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.route_concurrency))
         self._outages = 0
+        self.last_pass = time.monotonic()
+        """When the loop last finished a pass (``/health``: a hung router is not alive)."""
         """Consecutive outages (model server or Orthanc unreachable): the wait grows with them."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """This worker's name on the queue rows it leases."""
@@ -137,6 +139,7 @@ class Router:
     def run(self, stop: threading.Event) -> None:
         log.info("routing %s → %s with %d rules", self.orthanc.url, self.model.url, len(self.rules.rules))
         while not stop.is_set():
+            self.last_pass = time.monotonic()
             try:
                 if time.monotonic() - self._last_recover > RECOVER_EVERY_S:
                     self.recover()
