@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from dicom_router import stack
 from dicom_router.catalog import CATALOG_SCHEMA, ingest
 from dicom_router.config import Settings
 from dicom_router.demo import upload_folder
 from dicom_router.storage import S3Store, open_store
 from dicom_router.synth import synthesize
+from tests.conftest import run_cli
 
 CONTRACT_COLUMNS = [
     *("key", "size", "sop_uid_hash", "study_uid_hash", "series_uid_hash", "patient_hash", "site_id"),
@@ -154,3 +158,40 @@ def test_objects_are_read_by_range_with_md5_from_the_etag(s3_settings: Settings)
         expected = hashlib.md5((folder / key).read_bytes(), usedforsecurity=False).hexdigest()
         assert frame.loc[key, "content_hash"] == f"md5:{expected}"
     assert list(result.catalog.columns)[: len(CATALOG_SCHEMA)] == CATALOG_SCHEMA.names
+
+
+def test_only_allowed_labels_columns_reach_the_catalog(synthetic: Path, settings: Settings) -> None:
+    rows = list(csv.DictReader((synthetic / "labels.csv").open()))
+    labels = settings.data_dir / "phi-labels.csv"
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    with labels.open("w", newline="") as out:
+        writer = csv.DictWriter(out, [*rows[0], "note", "mrn"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "note": "Jane Roe, 12 Elm St, called 555-0199", "mrn": "MRN-884211"})
+    result = ingest(
+        str(synthetic), str(settings.data_dir / "p.parquet"), settings, labels_uri=str(labels), progress=False
+    )
+    assert "site" in result.catalog.columns
+    assert not {"note", "mrn", "labels_note", "labels_mrn"} & set(result.catalog.columns)
+    table = pq.read_table(settings.data_dir / "p.parquet").to_pandas()
+    text = table.astype(str).to_csv()
+    assert "Jane Roe" not in text and "MRN-884211" not in text
+
+
+def test_an_s3_outage_fails_the_ingest_as_a_storage_error_never_as_bad_dicom(
+    synthetic: Path, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "outage")
+    stack.s3_up(settings)
+    try:
+        store = open_store(f"s3://{settings.s3_bucket}/in", settings)
+        for path in sorted(synthetic.rglob("*.dcm"))[:3]:
+            store.write(path.name, path.read_bytes())
+    finally:
+        stack.down(settings)  # the object store goes away before the ingest
+    result = run_cli("ingest", store.uri, "--catalog", str(tmp_path / "c.parquet"), env=settings.as_env())
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: storage: ") and "NotDicom" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "c.parquet").exists()

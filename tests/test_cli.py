@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
 from dicom_router import __version__
 from tests.conftest import run_cli
+from tests.dicom_factory import dicom_dataset
 
 INSPECT_KEYS = {"file", "ok", "sop_class", "modality", "transfer_syntax", "photometric", "rows", "columns"}
 
@@ -100,3 +103,28 @@ def test_version_prints_the_release() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"dicom-router {__version__}"
+
+
+def test_a_decoder_failure_is_one_line_on_stderr_with_no_library_tracebacks(
+    dicom_corpus: Path, tmp_path: Path
+) -> None:
+    ds = pydicom.dcmread(dicom_corpus / "orthanc-tests" / "TransferSyntaxes" / "1.2.840.10008.1.2.4.51.dcm")
+    data = bytearray(ds.PixelData)
+    middle = len(data) // 2
+    data[middle : middle + 200] = b"\xff\x00" * 100  # a broken 12-bit JPEG Extended stream
+    ds.PixelData = bytes(data)
+    ds.save_as(tmp_path / "broken.dcm")
+    result = run_cli("inspect", str(tmp_path / "broken.dcm"))
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"{tmp_path / 'broken.dcm'}: InvalidPixelData: ")
+
+
+def test_malformed_values_never_reach_stderr(tmp_path: Path) -> None:
+    ds = dicom_dataset(np.zeros((16, 16), np.uint16), PatientBirthDate="1961-03-04", StudyDate="bad")
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    ingest = ["ingest", str(tmp_path), "--catalog", str(tmp_path / "c.parquet")]
+    for args in (["inspect", str(tmp_path / "odd.dcm")], ingest):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert "1961" not in result.stderr and "1961" not in result.stdout

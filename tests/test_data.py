@@ -16,6 +16,7 @@ from dicom_router.config import Settings
 from dicom_router.data import XrayDataset, augment, build_cache, class_weights, grouped_folds, split_examples
 from dicom_router.inference import PreprocessConfig
 from dicom_router.synth import synthesize
+from tests.dicom_factory import dicom_dataset
 
 
 def _frame(n_patients: int, seed: int = 0) -> pd.DataFrame:
@@ -72,6 +73,31 @@ def test_the_cache_serves_a_second_run_without_decoding(tmp_path: Path, settings
     second, _ = build_cache(labelled.frame, labelled.source, config, settings, progress=False)
     np.testing.assert_array_equal(first.images, second.images)
     assert first.keys == second.keys and (first.labels == second.labels).all()
+
+
+def test_a_cached_run_reports_the_decode_errors_of_the_first_and_a_changed_file_is_decoded_again(
+    tmp_path: Path, settings: Settings
+) -> None:
+    data = tmp_path / "dicoms"
+    synthesize(data, 5, seed=3, long_side_px=64)
+    broken = dicom_dataset(np.zeros((64, 64), np.uint16), raw_pixel_bytes=b"\0" * 100)  # sizes disagree
+    victim = data / "broken.dcm"
+    broken.save_as(victim, enforce_file_format=True)
+    with (data / "labels.csv").open("a") as labels:
+        labels.write("broken.dcm,spine,site-a\n")
+    labelled = load_labelled(settings, data=[str(data)])
+    config = PreprocessConfig(image_size=32)
+    first, errors = build_cache(labelled.frame, labelled.source, config, settings, progress=False)
+    second, again = build_cache(labelled.frame, labelled.source, config, settings, progress=False)
+    assert len(errors) == 1 and [(e.path, e.type, e.reason) for e in again] == [
+        (e.path, e.type, e.reason) for e in errors
+    ]
+    assert first.keys == second.keys and len(first.keys) == 5
+    broken.PixelData = np.full((64, 64), 700, np.uint16).tobytes()
+    broken.save_as(victim, enforce_file_format=True)  # repaired: new content, decoded (not the cache's)
+    repaired = load_labelled(settings, data=[str(data)])
+    third, none = build_cache(repaired.frame, repaired.source, config, settings, progress=False)
+    assert none == [] and len(third.keys) == 6
 
 
 def test_augmentation_keeps_shape_range_and_is_seeded() -> None:

@@ -68,14 +68,17 @@ def test_site_falls_back_to_station_and_scanner_uses_serial_or_station() -> None
     [
         ({"PatientAge": "045Y"}, 45.0),
         ({"PatientAge": "018M"}, 1.5),
-        ({"PatientAge": "014D"}, 0.04),
+        ({"PatientAge": "014D"}, 0.0),
         ({"PatientAge": "097Y"}, 90.0),
+        ({"PatientAge": "030M"}, 2.0),
         ({"PatientBirthDate": "20100615", "StudyDate": "20200614"}, 9.0),
         ({"PatientBirthDate": "20100615", "StudyDate": "20200615"}, 10.0),
+        ({"PatientBirthDate": "20200115", "StudyDate": "20200714"}, 0.4167),  # 5 whole months
+        ({"PatientBirthDate": "20200115", "StudyDate": "20200715"}, 0.5),
         ({}, None),
     ],
 )
-def test_age_comes_from_patient_age_or_dates_and_is_capped(
+def test_age_is_whole_years_or_under_two_whole_months_and_capped(
     elements: dict[str, Any], expected: float | None
 ) -> None:
     assert age_years(dicom_dataset(np.zeros((2, 2), np.uint16), **elements)) == expected

@@ -140,9 +140,10 @@ def test_log_records_carry_the_catalogs_ids_and_no_patient_data(settings: Settin
     for row in catalog.itertuples():
         data = (tmp_path / "dicom" / str(row.key)).read_bytes()
         decoded = decode_bytes(data, str(row.key), max_pixels=MAX_PIXELS)
-        record = log_record(
-            decoded, ("spine", 0.7), np.ones(512), "bodypart-router/1", datetime.now(UTC), key=key
-        )
+        routed_at = datetime(2026, 3, 1, 14, 37, 12, 345, tzinfo=UTC)
+        record = log_record(decoded, ("spine", 0.7), np.ones(512), "bodypart-router/1", routed_at, key=key)
+        assert record["at"] == datetime(2026, 3, 1, 14, tzinfo=UTC)  # the hour, no finer
+        assert record["age_years"] == int(record["age_years"]) or record["age_years"] < 2
         for column in ("sop_uid_hash", "site_id", "scanner_id", "manufacturer", "model_name", "kvp", "rows"):
             assert record[column] == getattr(row, column), column
         assert record["pred_label"] == "spine" and record["confidence"] == 0.7
@@ -475,6 +476,24 @@ def test_the_reference_is_stored_with_the_model_version(
     assert uri.endswith("drift/latest.html")
     tags = connect(settings).get_model_version("bodypart-router", version).tags
     assert tags["drift.alert"] == "false" and tags["drift.reference"].endswith("reference/reference.parquet")
+
+    mixed = stored.copy()  # CUR right after a promotion: records of the previous champion too
+    mixed["model_version"] = [
+        f"bodypart-router/{version}" if i % 2 else "bodypart-router/99" for i in range(len(mixed))
+    ]
+    mixed.to_parquet(tmp_path / "current.parquet")
+    job = DriftJob(
+        reference=f"models:/bodypart-router/{version}",
+        current=str(tmp_path / "current.parquet"),
+        by=("site_id",),
+        rules=AlertRules(min_samples=1, min_reference=1),
+        report_uri=str(tmp_path / "drift.html"),
+        log_to_mlflow=False,
+    )
+    document = drift_job(settings, job).document()
+    assert document["model_version"] == f"bodypart-router/{version}"
+    assert document["other_versions"] == len(mixed) // 2 + len(mixed) % 2
+    assert max(g["n_current"] for g in document["groups"]) <= len(mixed) // 2
 
 
 @pytest.mark.usefixtures("settings")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,14 @@ import httpx
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from dicom_router import LABELS, stack
 from dicom_router.candidates import save_bundle
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import InvalidPixelData, NotDicom
 from dicom_router.inference import Bundle, PreprocessConfig
+from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.registry import connect, experiment, register_bundle
 from dicom_router.serving.client import ModelClient
 from dicom_router.serving.predictor import check_images, v1_instances
@@ -223,3 +226,57 @@ def test_a_file_that_kills_its_decoder_fails_alone_and_the_server_keeps_serving(
         line for line in metrics.splitlines() if line.startswith("dicom_router_decoder_crashes_total ")
     )
     assert float(crashes.split()[-1]) >= 1
+
+
+def test_answers_during_alias_swaps_come_from_the_model_whose_version_they_report(
+    settings: Settings,
+    tiny_bundle: Path,
+    dicoms: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(1)
+    wider = export_bundle(BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=48), {}, tmp_path / "w")
+    experiment_id = experiment(settings, "swap-test")
+    local: dict[str, Bundle] = {}
+    for i, folder in enumerate((tiny_bundle, wider)):  # two input sizes: a mixed batch could not even run
+        save_bundle(Bundle(folder), tmp_path / f"mlflow-{i}")
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            mlflow.log_artifacts(str(tmp_path / f"mlflow-{i}"), "bundle")
+        local[str(register_bundle(settings, run.info.run_id, {}).version)] = Bundle(folder)
+    versions = sorted(local)
+    expected: dict[str, list[dict[str, float]]] = {}
+    for version, bundle in local.items():
+        results, _ = bundle.predict_items([("d", d) for d in dicoms], max_pixels=10**8)
+        expected[version] = [r.probabilities for r in results if not isinstance(r, Exception)]
+    client = connect(settings)
+    client.set_registered_model_alias(settings.registered_model, "champion", versions[0])
+    monkeypatch.setenv("DICOM_ROUTER_MODEL_POLL_S", "0.1")
+    url = stack.model_server_up(Settings())
+    stop = threading.Event()
+
+    def flip() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            client.set_registered_model_alias(settings.registered_model, "champion", versions[i % 2])
+            time.sleep(0.15)
+
+    try:
+        _wait_ready(url)
+        model = ModelClient(url)
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: (i, model.classify(dicoms[i % len(dicoms)])), range(240)))
+        stop.set()
+        flipper.join()
+    finally:
+        stop.set()
+        stack.down(settings)
+    assert {a.model_version for _, a in answers} == set(versions)  # both models answered under load
+    for i, answer in answers:
+        want = expected[answer.model_version][i % len(dicoms)]
+        assert answer.probabilities == pytest.approx(want, abs=1e-4)

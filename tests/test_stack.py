@@ -14,7 +14,8 @@ import pytest
 
 from dicom_router import stack
 from dicom_router.config import Settings
-from dicom_router.storage import S3Store, StorageError, open_store
+from dicom_router.errors import StorageError
+from dicom_router.storage import S3Store, open_store
 from tests.conftest import run_cli
 
 

@@ -95,6 +95,7 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert isinstance(report, dict) and report["labels"] == list(LABELS)
     bundle = Bundle(settings.data_dir / "models" / "bodypart-router" / "1")
     assert report["n"] == len(bundle.card["test_items"])
+    assert all(set(item) == {"sop_uid_hash", "label"} for item in bundle.card["test_items"])  # no keys
     assert np.asarray(report["confusion_matrix"]).shape == (5, 5)
     at_rules = report["abstention"]["at_review_threshold"]
     assert at_rules["threshold"] == RoutingRules.load(EXAMPLE_RULES).review.below_confidence

@@ -61,6 +61,8 @@ class Labelled:
 
     frame: pd.DataFrame
     source: str
+    catalog: str | None = None
+    """The catalog the frame came from (None: folders cataloged on the fly)."""
 
     def cached(
         self, settings: Settings, preprocess: PreprocessConfig, *, progress: bool = True
@@ -130,6 +132,7 @@ def load_labelled(
     else:
         raise ValueError("give a catalog or a labelled data folder")
     usable = frame[frame["label"].notna() & frame["has_pixels"]].reset_index(drop=True)
+    catalog_uri = catalog
     if usable.empty:
         raise ValueError(f"no labelled images with pixel data in {catalog or ', '.join(data)}")
     if "source" in usable.columns:
@@ -138,7 +141,7 @@ def load_labelled(
             table = pd.read_csv(collections, dtype=str)
             mapping = dict(zip(table["source"], table["collection"], strict=True))
         usable["collection"] = [mapping.get(str(s), s) for s in usable["source"]]
-    return Labelled(usable, source)
+    return Labelled(usable, source, catalog_uri)
 
 
 @dataclass
@@ -213,12 +216,14 @@ def _log_epoch(epoch: int, metrics: dict[str, float]) -> None:
 
 
 def test_items(labelled: Labelled, split: Split) -> list[dict[str, str]]:
-    """The persisted test split: enough to find and re-score exactly these instances later."""
+    """The persisted test split: pseudonyms and labels only (object keys of hospital exports carry
+    names and record numbers, and the card ships in every bundle); ``promotion.locate`` re-finds the
+    keys by ``sop_uid_hash``."""
     test = set(split.of("test"))
     rows = labelled.frame[labelled.frame["sop_uid_hash"].isin(test)]
     return [
-        {"key": str(k), "label": str(label), "sop_uid_hash": str(h)}
-        for k, label, h in zip(rows["key"], rows["label"], rows["sop_uid_hash"], strict=True)
+        {"sop_uid_hash": str(h), "label": str(label)}
+        for label, h in zip(rows["label"], rows["sop_uid_hash"], strict=True)
     ]
 
 
@@ -287,6 +292,7 @@ def _publish(
         "data_fingerprint": shared.labelled.fingerprint,
         "split_fingerprint": shared.split.fingerprint,
         "source": shared.labelled.source,
+        **({"catalog": shared.labelled.catalog} if shared.labelled.catalog else {}),
         **{f"n_{part}": len(images.keys) for part, images in shared.parts.items()},
     }
     mlflow.log_params({**params, **facts, "temperature": f"{temperature:.4f}"})

@@ -27,8 +27,9 @@ from rich.table import Table
 from dicom_router import LABELS
 from dicom_router.config import Settings
 from dicom_router.dicom.deid import deidentified_fields, load_key
-from dicom_router.dicom.errors import DicomInputError, NotDicom
+from dicom_router.dicom.errors import DicomInputError
 from dicom_router.dicom.header import parse, read_header
+from dicom_router.errors import ObjectMissing, StorageError
 from dicom_router.storage import LocalStore, ObjectInfo, Store, md5_hex, open_store, read_uri, write_uri
 
 CATALOG_SCHEMA = pa.schema(
@@ -123,9 +124,11 @@ def ingest(
         objects = [o for o in objects if shard_of(o.key, shard[1]) == shard[0]]
     rows: list[dict[str, Any]] = []
     errors: list[DicomInputError] = []
-    for batch_rows, batch_errors in _map_chunks(store, key, objects, settings, progress):
+    vanished: list[str] = []
+    for batch_rows, batch_errors, batch_vanished in _map_chunks(store, key, objects, settings, progress):
         rows.extend(batch_rows)
         errors.extend(batch_errors)
+        vanished.extend(batch_vanished)
     rows.sort(key=lambda r: str(r["key"]))
     errors.sort(key=lambda e: e.path)
     missing: dict[str, list[str]] = {r["key"]: r.pop("_missing") for r in rows}
@@ -139,7 +142,9 @@ def ingest(
             schema = schema.append(pa.field(column, pa.string()))
     table = pa.Table.from_pylist(rows, schema=schema.with_metadata({SOURCE_METADATA: store.uri}))
     frame = table.to_pandas()
-    qa = qa_summary(frame, errors, missing, skipped, same_pixels, source=store.uri, labels=labels_qa)
+    qa = qa_summary(
+        frame, errors, missing, skipped, same_pixels, source=store.uri, labels=labels_qa, vanished=vanished
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_uri(catalog_uri, buf.getvalue(), settings)
@@ -162,7 +167,7 @@ def _chunks(items: Sequence[ObjectInfo], size: int) -> Iterator[list[ObjectInfo]
 
 def _map_chunks(
     store: Store, key: bytes, objects: Sequence[ObjectInfo], settings: Settings, progress: bool
-) -> Iterator[tuple[list[dict[str, Any]], list[DicomInputError]]]:
+) -> Iterator[tuple[list[dict[str, Any]], list[DicomInputError], list[str]]]:
     range_bytes = settings.header_range_bytes
     chunks = list(_chunks(objects, _CHUNK))
     with (
@@ -178,16 +183,24 @@ def _map_chunks(
 
 def _ingest_chunk(
     store: Store, key: bytes, chunk: list[ObjectInfo], range_bytes: int
-) -> tuple[list[dict[str, Any]], list[DicomInputError]]:
-    rows, errors = [], []
+) -> tuple[list[dict[str, Any]], list[DicomInputError], list[str]]:
+    """Rows, bad inputs, and objects deleted since the listing ("could not read", never "bad DICOM").
+    Any other storage failure (after the store's retries) raises ``StorageError`` and fails the run:
+    training on what happened to be readable during an outage would quietly shrink the data."""
+    rows, errors, vanished = [], [], []
     for info in chunk:
         try:
             rows.append(catalog_row(store, key, info, range_bytes))
         except DicomInputError as exc:
             errors.append(exc)
-        except OSError as exc:  # vanished or unreadable object: reported, the batch goes on
-            errors.append(NotDicom(f"{store.uri.rstrip('/')}/{info.key}", f"cannot read: {exc}"))
-    return rows, errors
+        except (ObjectMissing, FileNotFoundError):
+            vanished.append(info.key)
+        except StorageError:
+            raise
+        except OSError as exc:
+            path = f"{store.uri.rstrip('/')}/{info.key}"
+            raise StorageError(f"{path}: {exc.__class__.__name__}: {exc}") from exc
+    return rows, errors, vanished
 
 
 def catalog_row(store: Store, key: bytes, info: ObjectInfo, range_bytes: int) -> dict[str, Any]:
@@ -260,12 +273,15 @@ def read_labels(uri: str, settings: Settings) -> dict[str, dict[str, str]]:
     return {row["file"].strip().lstrip("./"): row for row in reader}
 
 
+CARRIED_COLUMNS = ("site", "source", "collection", "license", "view")
+"""labels.csv columns the catalog carries: an allow-list, since free text (notes, names, record numbers
+a hospital export adds) must not leave ingest."""
+
+
 def _carried_columns(labels: dict[str, dict[str, str]]) -> dict[str, str]:
-    """labels.csv's optional columns (site, source, ...) → catalog column names (prefixed on a clash)."""
+    """labels.csv's allowed optional columns → catalog column names (prefixed on a clash)."""
     first = next(iter(labels.values()), {})
-    return {
-        c: (f"labels_{c}" if c in CATALOG_SCHEMA.names else c) for c in first if c not in ("file", "label")
-    }
+    return {c: (f"labels_{c}" if c in CATALOG_SCHEMA.names else c) for c in first if c in CARRIED_COLUMNS}
 
 
 def _apply_labels(
@@ -309,14 +325,18 @@ def qa_summary(
     *,
     source: str,
     labels: dict[str, Any],
+    vanished: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """What a data manager checks before training: unreadable, duplicate and incomplete instances."""
+    """What a data manager checks before training: bad inputs (``unreadable``: not DICOM, or DICOM we
+    cannot use), objects that could not be read (deleted since the listing), duplicate and incomplete
+    instances."""
     errors = list(errors)
     return {
         "source": source,
-        "objects": len(frame) + len(errors),
+        "objects": len(frame) + len(errors) + len(vanished),
         "cataloged": len(frame),
         "unreadable": [{"key": e.path, "type": e.type, "reason": e.reason} for e in errors],
+        "could_not_read": sorted(vanished),
         "duplicates": {
             "sop_uid": _duplicates(frame, "sop_uid_hash"),
             "content": _duplicates(frame, "content_hash"),

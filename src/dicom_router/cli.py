@@ -18,7 +18,7 @@ from rich.console import Console
 from dicom_router import __version__
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError, NotDicom
-from dicom_router.errors import ModelNotFound
+from dicom_router.errors import ModelNotFound, StorageError
 
 EXIT_OK = 0
 EXIT_BUG = 1
@@ -453,7 +453,10 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
         frame = frame[frame["sop_uid_hash"].isin(test)]
         if frame.empty:
             raise click.UsageError(f"no file of {data_dir} is in the model's test split")
-    items = [{"key": str(k), "label": str(v)} for k, v in zip(frame["key"], frame["label"], strict=True)]
+    items = [
+        {"key": str(k), "label": str(v), "sop_uid_hash": str(h)}
+        for k, v, h in zip(frame["key"], frame["label"], frame["sop_uid_hash"], strict=True)
+    ]
     report = score(bundle, labelled.source, items, settings, review_threshold=review)
     for error in report["errors"]:
         sys.stderr.write(f"{error['file']}: {error['type']}: {error['message']}\n")
@@ -922,6 +925,9 @@ def main() -> None:
         sys.exit(EXIT_BUG)
     except click.Abort:
         sys.exit(130)
+    except StorageError as exc:  # storage down or denied after retries: say so, never as bad input
+        sys.stderr.write(f"error: storage: {exc}\n")
+        sys.exit(EXIT_BUG)
     except Exception:
         log.exception("internal error (a bug; please report it with this trace)")
         sys.exit(EXIT_BUG)

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from dicom_router import LABELS
 from dicom_router.config import Settings
-from dicom_router.dicom.errors import DicomInputError
+from dicom_router.dicom.errors import ERROR_TYPES, DicomInputError
 from dicom_router.inference import PreprocessConfig, metadata_vector, prepare
 from dicom_router.storage import Store, open_store
 
@@ -109,17 +109,30 @@ class CachedImages:
 
 def _decode_rows(
     store: Store, rows: list[dict[str, Any]], config: PreprocessConfig, max_pixels: int
-) -> tuple[list[tuple[str, npt.NDArray[np.uint16]]], list[DicomInputError]]:
+) -> tuple[list[tuple[str, npt.NDArray[np.uint16]]], list[tuple[str, DicomInputError]]]:
+    """Preprocessed images by SOP pseudonym, and the decode errors by SOP pseudonym."""
     done, errors = [], []
     for row in rows:
         path = f"{store.uri.rstrip('/')}/{row['key']}"
         try:
             prepared = prepare(store.read(row["key"]), path, config, max_pixels=max_pixels)
         except DicomInputError as exc:
-            errors.append(exc)
+            errors.append((row["sop_uid_hash"], exc))
             continue
         done.append((row["sop_uid_hash"], np.round(prepared.image[0] * 65535.0).astype(np.uint16)))
     return done, errors
+
+
+def _remembered_errors(
+    data: Any, shard: list[dict[str, Any]], *, store_uri: str
+) -> Iterator[DicomInputError]:
+    """A cached shard's decode errors, as the first run raised them."""
+    if "error_keys" not in data:
+        return
+    keys = {r["sop_uid_hash"]: r["key"] for r in shard}
+    by_type = {cls.type: cls for cls in ERROR_TYPES}
+    for sop, kind, reason in zip(data["error_keys"], data["error_types"], data["error_reasons"], strict=True):
+        yield by_type[str(kind)](f"{store_uri.rstrip('/')}/{keys[str(sop)]}", str(reason))
 
 
 def build_cache(
@@ -132,27 +145,31 @@ def build_cache(
 ) -> tuple[CachedImages, list[DicomInputError]]:
     """Decode every catalog row once and keep the result in shards under ``settings.cache_location``.
 
-    Shards are keyed by the preprocessing and the instances they hold, so a later run (another
-    architecture, more epochs) over the same data reads arrays instead of decoding DICOM.
+    Shards are keyed by the preprocessing and the content of the instances they hold (SOP pseudonym and
+    object hash), so a later run (another architecture, more epochs) over the same data reads arrays
+    instead of decoding DICOM, and a changed object is decoded again. A shard also remembers the decode
+    errors, so a cached run reports exactly what the first one did.
     """
     cache = open_store(f"{settings.cache_location.rstrip('/')}/{config.fingerprint()}", settings)
+    store = open_store(source, settings)
+    contents = frame["content_hash"] if "content_hash" in frame else [None] * len(frame)
     rows: list[dict[str, Any]] = [
-        {"key": str(k), "sop_uid_hash": str(h)}
-        for k, h in zip(frame["key"], frame["sop_uid_hash"], strict=True)
+        {"key": str(k), "sop_uid_hash": str(h), "content": c or f"{source}/{k}"}
+        for k, h, c in zip(frame["key"], frame["sop_uid_hash"], contents, strict=True)
     ]
     images: dict[str, npt.NDArray[np.uint16]] = {}
     errors: list[DicomInputError] = []
     todo: list[tuple[str, list[dict[str, Any]]]] = []
     for start in range(0, len(rows), SHARD_SIZE):
         shard = rows[start : start + SHARD_SIZE]
-        digest = hashlib.sha256("\n".join(f"{source}/{r['key']}" for r in shard).encode()).hexdigest()[:20]
-        name = f"{digest}.npz"
+        identity = "\n".join(f"{r['sop_uid_hash']} {r['content']}" for r in shard)
+        name = f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.npz"
         if cache.exists(name):
             with np.load(io.BytesIO(cache.read(name))) as data:
                 images.update(zip(data["keys"].tolist(), data["images"], strict=True))
+                errors.extend(_remembered_errors(data, shard, store_uri=store.uri))
         else:
             todo.append((name, shard))
-    store = open_store(source, settings)
     with (
         Progress(disable=not progress, transient=True) as bar,
         ProcessPoolExecutor(max_workers=max(1, settings.workers)) as pool,
@@ -163,10 +180,12 @@ def build_cache(
             pool.submit(_decode_rows, store, chunk, config, settings.max_image_pixels) for _, chunk in chunks
         ]
         per_shard: defaultdict[str, list[tuple[str, npt.NDArray[np.uint16]]]] = defaultdict(list)
+        failed: defaultdict[str, list[tuple[str, DicomInputError]]] = defaultdict(list)
         for (name, chunk), future in zip(chunks, futures, strict=True):
             done, bad = future.result()
             per_shard[name].extend(done)
-            errors.extend(bad)
+            failed[name].extend(bad)
+            errors.extend(e for _, e in bad)
             bar.advance(task, len(chunk))
     for name, _ in todo:
         done = per_shard[name]
@@ -177,6 +196,9 @@ def build_cache(
             images=np.stack([a for _, a in done])
             if done
             else np.zeros((0, config.image_size, config.image_size), np.uint16),
+            error_keys=np.array([k for k, _ in failed[name]], dtype=str),
+            error_types=np.array([e.type for _, e in failed[name]], dtype=str),
+            error_reasons=np.array([e.reason for _, e in failed[name]], dtype=str),
         )
         cache.write(name, buf.getvalue())
         images.update(done)

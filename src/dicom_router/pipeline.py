@@ -343,7 +343,7 @@ def evaluate_candidates(model_dirs: Sequence[str], best_dir: str, settings: Sett
     """Score each bundle on the persisted test split (ONNX Runtime from DICOM bytes, as the server and the
     gate do) and copy the best by macro-F1 to ``best_dir`` (earlier candidates win ties)."""
     from dicom_router.inference import Bundle
-    from dicom_router.promotion import score
+    from dicom_router.promotion import locate, score
 
     if not model_dirs:
         raise ValueError("no candidates to evaluate")
@@ -354,7 +354,7 @@ def evaluate_candidates(model_dirs: Sequence[str], best_dir: str, settings: Sett
     candidates = []
     for directory, bundle in zip(model_dirs, bundles, strict=True):
         summary = json.loads((Path(directory) / CANDIDATE_FILE).read_text())
-        report = score(bundle, bundle.card["source"], bundle.card["test_items"], settings)
+        report = score(bundle, *locate(settings, bundle.card), settings)
         candidates.append({"run_id": summary["run_id"], "arch": bundle.card["arch"], "report": report})
     best = max(range(len(candidates)), key=lambda i: (candidates[i]["report"]["macro_f1"], -i))
     shutil.copytree(model_dirs[best], best_dir, dirs_exist_ok=True)

@@ -6,12 +6,14 @@ test split, so the comparison is like for like whatever each model was trained o
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from dicom_router import LABELS
+from dicom_router.catalog import ingest, read_catalog
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.evaluate import evaluation_report
@@ -30,6 +32,24 @@ from dicom_router.registry import (
 from dicom_router.storage import open_store
 
 
+def locate(settings: Settings, card: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+    """A bundle's test split with object keys again (``source``, items ``key``, ``label``,
+    ``sop_uid_hash``): the card holds only pseudonyms, so keys are re-found by ``sop_uid_hash`` in the
+    training catalog, or (a model trained from folders) by cataloging its source's headers."""
+    if card.get("catalog"):
+        frame, source = read_catalog(str(card["catalog"]), settings)
+    else:
+        source = str(card["source"])
+        with tempfile.TemporaryDirectory() as tmp:
+            frame = ingest(source, f"{tmp}/catalog.parquet", settings, progress=False).catalog
+    keys = dict(zip(frame["sop_uid_hash"].astype(str), frame["key"].astype(str), strict=True))
+    items = card["test_items"]
+    missing = [item["sop_uid_hash"] for item in items if item["sop_uid_hash"] not in keys]
+    if missing:
+        raise ValueError(f"{len(missing)} test images are no longer in {source} (e.g. {missing[0]})")
+    return source, [{**item, "key": keys[item["sop_uid_hash"]]} for item in items]
+
+
 def score(
     bundle: Bundle,
     source: str,
@@ -38,11 +58,11 @@ def score(
     *,
     review_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """The contract's ``evaluate`` document for ``items`` (``key``, ``label``) under ``source`` (with the
-    abstention figures at ``review_threshold`` when given)."""
+    """The contract's ``evaluate`` document for ``items`` (``key``, ``label``, ``sop_uid_hash``) under
+    ``source`` (with the abstention figures at ``review_threshold`` when given); errors name the
+    pseudonym, not the key."""
     store = open_store(source, settings)
-    base = store.uri.rstrip("/")
-    payloads = [(f"{base}/{item['key']}", store.read(item["key"])) for item in items]
+    payloads = [(item["sop_uid_hash"], store.read(item["key"])) for item in items]
     results, ms = bundle.predict_items(payloads, max_pixels=settings.max_image_pixels)
     truth, probabilities, errors = [], [], []
     for item, result in zip(items, results, strict=True):
@@ -71,7 +91,7 @@ def promote(
     )
     champion = champion_version(settings)
     bundle = load_bundle(settings, f"models:/{name}/{candidate.version}")
-    items, source = bundle.card["test_items"], bundle.card["source"]
+    source, items = locate(settings, bundle.card)
     candidate_scores = scores_from_report(str(candidate.version), score(bundle, source, items, settings))
     champion_scores: Scores | None = None
     promoted, reason = False, ""

@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ import boto3
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from dicom_router.config import Settings
+from dicom_router.errors import ObjectMissing, StorageError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -115,10 +117,6 @@ GET_ATTEMPTS = 5
 GET_TIMEOUT_S = 60.0
 
 
-class StorageError(OSError):
-    """An object could not be read or written (missing, denied, server error)."""
-
-
 class S3Session:
     """One process's connection to an endpoint: a boto3 client for listing and writing, and a lean
     GET path (botocore's SigV4 signer over a kept-alive ``http.client`` connection per thread) for the
@@ -169,7 +167,7 @@ class S3Session:
             # rclone sends the whole object's checksum with ranged GETs: validate only when required.
             response_checksum_validation="when_required",
             request_checksum_calculation="when_required",
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": 5, "mode": "standard"},  # exponential backoff with jitter
             max_pool_connections=self.pool,
             s3={"addressing_style": "path"},
         )
@@ -197,9 +195,11 @@ class S3Session:
             else:
                 if response.status in (200, 206):
                     return data
+                if response.status == 404:
+                    raise ObjectMissing(f"GET s3://{bucket}/{key}: HTTP 404")
                 if response.status < 500 or attempt == GET_ATTEMPTS:
                     raise StorageError(f"GET s3://{bucket}/{key}: HTTP {response.status} {data[:200]!r}")
-            time.sleep(0.1 * 2**attempt)
+            time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter: workers do not retry in step
 
 
 _SESSIONS: dict[S3Connection, S3Session] = {}
@@ -232,12 +232,16 @@ class S3Store:
     def list(self) -> Iterator[ObjectInfo]:
         base = self.prefix.strip("/")
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else ""):
-            for obj in page.get("Contents", []):
-                etag = obj.get("ETag", "").strip('"')
-                rel = obj["Key"][len(base) + 1 :] if base else obj["Key"]
-                md5 = etag if len(etag) == 32 and "-" not in etag else None
-                yield ObjectInfo(rel, int(obj.get("Size", 0)), md5)
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else "")
+        try:
+            contents = [obj for page in pages for obj in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as exc:  # after botocore's retries
+            raise StorageError(f"LIST {self.uri}: {exc}") from None
+        for obj in contents:
+            etag = obj.get("ETag", "").strip('"')
+            rel = obj["Key"][len(base) + 1 :] if base else obj["Key"]
+            md5 = etag if len(etag) == 32 and "-" not in etag else None
+            yield ObjectInfo(rel, int(obj.get("Size", 0)), md5)
 
     def read(self, key: str, length: int | None = None, offset: int = 0) -> bytes:
         if length is not None:

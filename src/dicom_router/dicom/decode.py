@@ -97,17 +97,20 @@ def decode_dataset(ds: Dataset, path: str, *, max_pixels: int) -> DecodedImage:
     converted = False
     inverted = False
     if photometric == "PALETTE COLOR" or arr.ndim == 3:
-        modality_values = _to_grey(ds, arr, photometric)
+        modality_values = _to_grey(ds, arr, photometric, path)
         windowing: Windowing = "color"
         converted = True
         image = modality_values
     else:
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise UnsupportedImage(path, f"photometric interpretation {photometric!r} is not greyscale")
-        padding = _padding_mask(ds, arr)
-        lut_ds = _frame_luts(ds)
-        modality_values = np.asarray(apply_modality_lut(arr, lut_ds), dtype=np.float32)
-        image, windowing = _voi(modality_values, lut_ds, padding)
+        try:
+            padding = _padding_mask(ds, arr)
+            lut_ds = _frame_luts(ds)
+            modality_values = np.asarray(apply_modality_lut(arr, lut_ds), dtype=np.float32)
+            image, windowing = _voi(modality_values, lut_ds, padding)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:  # malformed LUT data
+            raise InvalidPixelData(path, f"modality/VOI LUT unusable: {exc.__class__.__name__}") from None
         inverted = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")) == "INVERSE"
         if inverted:
             image = 1.0 - image
@@ -188,15 +191,22 @@ def _first_frame(ds: Dataset, tsyntax: UID, path: str) -> npt.NDArray[Any]:
         if "less than expected" in message or "end of" in message.lower():
             raise Truncated(path, f"pixel data ends early: {message}") from None
         raise InvalidPixelData(path, message) from None
-    except Exception as exc:  # codec plugins raise RuntimeError/OSError/... on corrupt codestreams
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # codecs raise RuntimeError/OSError/... on corrupt codestreams, and
+        # Rust-based ones (pylibjpeg-rle) a pyo3 PanicException, which is not an Exception
         raise InvalidPixelData(path, f"{tsyntax.name} pixel data could not be decoded: {exc}") from None
     return np.asarray(arr)
 
 
-def _to_grey(ds: Dataset, arr: npt.NDArray[Any], photometric: str) -> FloatImage:
+def _to_grey(ds: Dataset, arr: npt.NDArray[Any], photometric: str, path: str) -> FloatImage:
     """Colour input (RGB after pydicom's YBR conversion, or palette) → luma in [0, 1]."""
     if photometric == "PALETTE COLOR":
-        rgb = np.asarray(apply_color_lut(arr, ds), dtype=np.float32) / 65535.0
+        try:
+            lut = apply_color_lut(arr, ds)
+        except (ValueError, IndexError, KeyError, TypeError) as exc:  # no or a broken palette
+            raise InvalidPixelData(path, f"palette colour image without a usable palette: {exc}") from None
+        rgb = np.asarray(lut, dtype=np.float32) / 65535.0
     else:
         bits = int(ds.get("BitsStored", 8) or 8)
         rgb = arr.astype(np.float32) / float(2**bits - 1)

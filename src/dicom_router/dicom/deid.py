@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -86,7 +87,7 @@ _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
 def age_years(ds: Dataset) -> float | None:
-    """PatientAge (AS), else the whole years between birth and study date; capped at 90."""
+    """PatientAge (AS), else the age between birth and study date; coarsened by ``coarse_age``."""
     match = _AGE.match(_text(ds, "PatientAge").upper())
     if match:
         years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)]
@@ -94,8 +95,17 @@ def age_years(ds: Dataset) -> float | None:
         born, seen = _da(_text(ds, "PatientBirthDate")), _da(_text(ds, "StudyDate"))
         if born is None or seen is None or seen < born:
             return None
-        years = float(seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day)))
-    return round(min(years, AGE_CAP_YEARS), 2)
+        months = (seen.year - born.year) * 12 + seen.month - born.month - (seen.day < born.day)
+        years = months / 12
+    return coarse_age(years)
+
+
+def coarse_age(years: float) -> float:
+    """Whole years (capped at 90), whole months under 2: an exact age of an infant is nearly its birth
+    date, and a birth date with the study date identifies a patient."""
+    if years >= 2:
+        return float(min(math.floor(years), AGE_CAP_YEARS))
+    return round(math.floor(years * 12 + 1e-9) / 12, 4)
 
 
 def _da(value: str) -> date | None:

@@ -16,6 +16,7 @@ class DicomInputError(Exception):
     type: ClassVar[str] = "DicomInputError"
 
     def __init__(self, path: str, reason: str) -> None:
+        reason = " ".join(reason.split())  # one line, whatever a decoder's message looked like
         super().__init__(f"{path}: {self.type}: {reason}")
         self.path = path
         self.reason = reason

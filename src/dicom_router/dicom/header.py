@@ -47,7 +47,20 @@ def _read(data: bytes, path: str, *, stop_before_pixels: bool) -> tuple[Dataset,
         raise Truncated(path, f"input ends inside the file meta information ({exc})") from None
     except Exception as exc:  # malformed element headers surface as ValueError/struct.error/...
         raise NotDicom(path, f"unreadable DICOM structure: {exc}") from None
+    _parse_every_element(ds, path)
     return ds, buf.tell()
+
+
+def _parse_every_element(ds: Dataset, path: str) -> None:
+    """pydicom converts element values lazily; convert them all now, so an unknown VR or a malformed
+    value deep in a sequence is one typed error here rather than an untyped one wherever it is read."""
+    tag = None
+    try:
+        for element in ds.iterall():
+            tag = element.tag
+            _ = element.value
+    except Exception as exc:
+        raise NotDicom(path, f"malformed element {tag}: {exc.__class__.__name__}") from None
 
 
 def _looks_like_dicom(ds: Dataset) -> bool:

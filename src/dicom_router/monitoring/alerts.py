@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,12 @@ from dicom_router import __version__
 log = logging.getLogger(__name__)
 
 WEBHOOK_TIMEOUT_S = 10.0
+
+
+def redacted(url: str) -> str:
+    """Scheme and host only: a webhook's path and query carry its token."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}/…"
 
 
 def post_webhook(url: str, document: Mapping[str, Any], *, timeout_s: float = WEBHOOK_TIMEOUT_S) -> bool:
@@ -33,13 +40,13 @@ def post_webhook(url: str, document: Mapping[str, Any], *, timeout_s: float = WE
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             status = int(response.status)
     except urllib.error.HTTPError as exc:
-        log.error("drift webhook %s answered HTTP %d: %s", url, exc.code, exc.reason)
+        log.error("drift webhook %s answered HTTP %d: %s", redacted(url), exc.code, exc.reason)
         return False
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.error("drift webhook %s unreachable: %s", url, exc)
+        log.error("drift webhook %s unreachable: %s", redacted(url), exc.__class__.__name__)
         return False
     if not 200 <= status < 300:
-        log.error("drift webhook %s answered HTTP %d", url, status)
+        log.error("drift webhook %s answered HTTP %d", redacted(url), status)
         return False
-    log.info("drift alert posted to %s", url)
+    log.info("drift alert posted to %s", redacted(url))
     return True

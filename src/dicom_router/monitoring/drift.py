@@ -184,6 +184,10 @@ class DriftResult:
     rules: AlertRules
     report_html: str | None = None
     """Where ``save_html`` wrote the report of every group (path or URI)."""
+    model_version: str | None = None
+    """The model version (``name/version``) whose records CUR was cut to (REF is that version's)."""
+    other_versions: int = 0
+    """CUR records of other model versions, left out (a promotion is not drift)."""
 
     @property
     def alert(self) -> bool:
@@ -196,6 +200,8 @@ class DriftResult:
             "groups": [g.document() for g in self.groups],
             "report_html": self.report_html,
             "at": self.at.isoformat(timespec="seconds"),
+            "model_version": self.model_version,
+            "other_versions": self.other_versions,
         }
 
     def render_html(self) -> str:

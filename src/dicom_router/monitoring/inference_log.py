@@ -80,6 +80,16 @@ catalog, a reference and the log compare column by column. No patient pseudonym,
 _PART = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/part-[^/]+\.parquet$")
 
 
+def coarse_time(at: datetime) -> datetime:
+    """The hour (UTC) an instance was routed: drift windows need no more, and an exact time links a
+    record to a patient's visit."""
+    return (
+        (at if at.tzinfo else at.replace(tzinfo=UTC))
+        .astimezone(UTC)
+        .replace(minute=0, second=0, microsecond=0)
+    )
+
+
 def log_record(
     decoded: DecodedImage,
     prediction: tuple[str, float],
@@ -98,7 +108,7 @@ def log_record(
     ds = decoded.dataset
     fields = acquisition_fields(ds)
     record: dict[str, Any] = {
-        "at": at if at.tzinfo else at.replace(tzinfo=UTC),
+        "at": coarse_time(at),
         "model_version": model_version,
         "sop_uid_hash": uid_hash(key, ds, "SOPInstanceUID"),
         "site_id": site_id(key, ds),
@@ -175,8 +185,9 @@ def _table(records: list[Mapping[str, Any]]) -> pa.Table:
 
 
 def part_name(day: date, now: datetime | None = None) -> str:
-    """``date=YYYY-MM-DD/part-<UTC time>-<uuid>.parquet``: sortable by write time, never colliding."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ")
+    """``date=YYYY-MM-DD/part-<UTC hour>-<uuid>.parquet``: sortable by the hour written (no finer, as
+    the records' times), never colliding."""
+    stamp = coarse_time(now or datetime.now(UTC)).strftime("%Y%m%dT%HZ")
     return f"date={day.isoformat()}/part-{stamp}-{uuid.uuid4().hex[:12]}.parquet"
 
 

@@ -68,7 +68,16 @@ def drift_job(settings: Settings, job: DriftJob, *, now: datetime | None = None)
     reference = _reference(settings, job)
     since = at - job.window if job.window else None
     current = load_frame(job.current, settings, since=since)
+    version = _version_of(settings, job.reference)
+    other = 0
+    if version is not None and "model_version" in current.columns:
+        mine = current["model_version"] == version
+        other = int((~mine).sum())
+        current = current[mine].reset_index(drop=True)
+        if other:
+            log.info("drift of %s: %d records of other model versions left out", version, other)
     result = run_drift(reference, current, job.by, job.rules, at=at, tags=(job.deployment,))
+    result.model_version, result.other_versions = version, other
     html = result.render_html()
     report_uri = job.report_uri or str(settings.data_dir / "drift" / f"{at.strftime('%Y%m%dT%H%M%SZ')}.html")
     result.save_html(report_uri, settings, html=html)
@@ -104,6 +113,16 @@ def _reference(settings: Settings, job: DriftJob) -> pd.DataFrame:
             log.info("building the drift reference of %s from %s", job.reference, job.reference_catalog)
             return reference_for_model(settings, job.reference, job.reference_catalog)
     return load_frame(job.reference, settings)
+
+
+def _version_of(settings: Settings, reference: str) -> str | None:
+    """``name/version`` when REF is a model version's reference (its alias resolved now), else None."""
+    if not reference.startswith("models:/"):
+        return None
+    from dicom_router.registry import model_version
+
+    found = model_version(settings, reference)
+    return f"{found.name}/{found.version}"
 
 
 def _model_of(reference: str, current: pd.DataFrame) -> str | None:

@@ -26,12 +26,12 @@ from mlflow.entities.model_registry import ModelVersion
 from dicom_router.catalog import read_catalog
 from dicom_router.config import Settings
 from dicom_router.dicom.deid import load_key
-from dicom_router.errors import ModelNotFound
+from dicom_router.errors import ModelNotFound, StorageError
 from dicom_router.inference import Bundle
 from dicom_router.monitoring.drift import DriftInputError
 from dicom_router.monitoring.inference_log import read_inference_log, records_frame, score_items
 from dicom_router.registry import connect, load_bundle, model_version
-from dicom_router.storage import StorageError, is_s3, open_store, read_uri
+from dicom_router.storage import is_s3, open_store, read_uri
 
 REFERENCE_ARTIFACT = "reference/reference.parquet"
 REFERENCE_TAG = "drift.reference"

@@ -50,10 +50,13 @@ DECODER_CRASHES = Counter("dicom_router_decoder_crashes_total", "Decode worker p
 
 @dataclass
 class Inputs:
-    """A request after preprocessing: images (and header features) plus how to answer."""
+    """A request after preprocessing: images (and header features) plus how to answer, bound to the
+    bundle it was preprocessed for: that bundle runs it and its version is reported, even when the
+    alias moves meanwhile."""
 
     images: npt.NDArray[np.float32]
     meta: npt.NDArray[np.float32]
+    bundle: Bundle
     v2: bool
     request_id: str | None = None
     want_embedding: bool = False
@@ -222,27 +225,29 @@ class DecodePool:
 class _Pending:
     images: npt.NDArray[np.float32]
     meta: npt.NDArray[np.float32]
+    bundle: Bundle
     future: asyncio.Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
 
 
 @dataclass
 class Batcher:
-    """Collects concurrent requests for up to ``max_latency_s`` or ``max_batch`` images, one model run."""
+    """Collects concurrent requests for up to ``max_latency_s`` or ``max_batch`` images, one model run
+    per bundle among them (a batch never mixes models, even across an alias swap)."""
 
     max_batch: int
     max_latency_s: float
     queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
 
     async def submit(
-        self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32]
+        self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32], bundle: Bundle
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         future: asyncio.Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = (
             asyncio.get_running_loop().create_future()
         )
-        await self.queue.put(_Pending(images, meta, future))
+        await self.queue.put(_Pending(images, meta, bundle, future))
         return await future
 
-    async def run(self, model: BodyPartModel) -> None:
+    async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
@@ -255,32 +260,37 @@ class Batcher:
                     break
                 batch.append(item)
                 size += len(item.images)
-            bundle = model.bundle
-            try:
-                if bundle is None:
-                    raise ModelNotReady(MODEL_NAME)
-                started = time.perf_counter()
-                probabilities, embedding = await loop.run_in_executor(
-                    None,
-                    bundle.run,
-                    np.concatenate([p.images for p in batch]),
-                    np.concatenate([p.meta for p in batch]),
-                )
-                RUN_SECONDS.observe(time.perf_counter() - started)
-                BATCH_SIZE.observe(size)
-            except Exception as exc:  # every waiting request gets the failure, the loop goes on
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            offset = 0
+            by_bundle: dict[int, list[_Pending]] = {}
             for pending in batch:
-                n = len(pending.images)
+                by_bundle.setdefault(id(pending.bundle), []).append(pending)
+            for group in by_bundle.values():
+                await self._run(group)
+
+    async def _run(self, group: list[_Pending]) -> None:
+        """One ONNX Runtime call for requests bound to one bundle; a failure fails only them."""
+        loop = asyncio.get_running_loop()
+        bundle = group[0].bundle
+        try:
+            started = time.perf_counter()
+            probabilities, embedding = await loop.run_in_executor(
+                None,
+                bundle.run,
+                np.concatenate([p.images for p in group]),
+                np.concatenate([p.meta for p in group]),
+            )
+            RUN_SECONDS.observe(time.perf_counter() - started)
+            BATCH_SIZE.observe(sum(len(p.images) for p in group))
+        except Exception as exc:  # every waiting request gets the failure, the loop goes on
+            for pending in group:
                 if not pending.future.done():
-                    pending.future.set_result(
-                        (probabilities[offset : offset + n], embedding[offset : offset + n])
-                    )
-                offset += n
+                    pending.future.set_exception(exc)
+            return
+        offset = 0
+        for pending in group:
+            end = offset + len(pending.images)
+            if not pending.future.done():
+                pending.future.set_result((probabilities[offset:end], embedding[offset:end]))
+            offset = end
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -326,7 +336,7 @@ class BodyPartModel(Model):  # type: ignore[misc]
 
     async def start_engine(self) -> None:
         """The batcher and, for an MLflow alias, the alias poll: run inside the server's event loop."""
-        tasks = [self.batcher.run(self)]
+        tasks = [self.batcher.run()]
         if self.model_uri.startswith("models:/") and "@" in self.model_uri:
             tasks.append(self._follow_alias())
         await asyncio.gather(*tasks)
@@ -386,18 +396,15 @@ class BodyPartModel(Model):  # type: ignore[misc]
         except DicomInputError as exc:
             REJECTED.labels(type=exc.type).inc()
             raise
-        return Inputs(images, meta, v2, request_id, want_embedding)
+        return Inputs(images, meta, bundle, v2, request_id, want_embedding)
 
     async def predict(
         self,
         inputs: Inputs,
         headers: dict[str, str] | None = None,  # noqa: ARG002  (KServe's signature)
     ) -> Outputs:
-        bundle = self.bundle
-        if bundle is None:
-            raise ModelNotReady(MODEL_NAME)
-        probabilities, embedding = await self.batcher.submit(inputs.images, inputs.meta)
-        return Outputs(probabilities, embedding, bundle, inputs)
+        probabilities, embedding = await self.batcher.submit(inputs.images, inputs.meta, inputs.bundle)
+        return Outputs(probabilities, embedding, inputs.bundle, inputs)
 
     async def postprocess(
         self,
