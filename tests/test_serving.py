@@ -141,6 +141,18 @@ def test_concurrent_requests_are_batched_into_fewer_model_runs(server: str, dico
     assert 1 <= runs < 24, f"{runs} model runs for 24 concurrent requests"
 
 
+def _registered(settings: Settings, folders: list[Path], tmp_path: Path) -> list[str]:
+    """Register each bundle folder as a version of the model; returns the versions."""
+    experiment_id = experiment(settings, "serving-test")
+    versions = []
+    for i, folder in enumerate(folders):
+        save_bundle(Bundle(folder), tmp_path / f"mlflow-{i}")
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            mlflow.log_artifacts(str(tmp_path / f"mlflow-{i}"), "bundle")
+        versions.append(str(register_bundle(settings, run.info.run_id, {}).version))
+    return versions
+
+
 def test_the_server_follows_the_champion_alias_without_restart(
     settings: Settings,
     tiny_bundle: Path,
@@ -149,16 +161,12 @@ def test_the_server_follows_the_champion_alias_without_restart(
     tmp_path: Path,
 ) -> None:
     client = connect(settings)
-    experiment_id = experiment(settings, "serving-test")
-    versions = []
+    copies = []
     for i in range(2):
-        bundle = tmp_path / f"v{i}"
-        shutil.copytree(tiny_bundle, bundle)
-        (bundle / "card.json").write_text(json.dumps({"copy": i}))
-        save_bundle(Bundle(bundle), tmp_path / f"mlflow-v{i}")
-        with mlflow.start_run(experiment_id=experiment_id) as run:
-            mlflow.log_artifacts(str(tmp_path / f"mlflow-v{i}"), "bundle")
-        versions.append(str(register_bundle(settings, run.info.run_id, {}).version))
+        copies.append(tmp_path / f"v{i}")
+        shutil.copytree(tiny_bundle, copies[-1])
+        (copies[-1] / "card.json").write_text(json.dumps({"copy": i}))
+    versions = _registered(settings, copies, tmp_path)
     monkeypatch.setenv("DICOM_ROUTER_MODEL_POLL_S", "0.3")
     url = stack.model_server_up(Settings())
     try:
@@ -237,14 +245,9 @@ def test_answers_during_alias_swaps_come_from_the_model_whose_version_they_repor
 ) -> None:
     torch.manual_seed(1)
     wider = export_bundle(BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=48), {}, tmp_path / "w")
-    experiment_id = experiment(settings, "swap-test")
-    local: dict[str, Bundle] = {}
-    for i, folder in enumerate((tiny_bundle, wider)):  # two input sizes: a mixed batch could not even run
-        save_bundle(Bundle(folder), tmp_path / f"mlflow-{i}")
-        with mlflow.start_run(experiment_id=experiment_id) as run:
-            mlflow.log_artifacts(str(tmp_path / f"mlflow-{i}"), "bundle")
-        local[str(register_bundle(settings, run.info.run_id, {}).version)] = Bundle(folder)
-    versions = sorted(local)
+    folders = [tiny_bundle, wider]  # two input sizes: a mixed batch could not even run
+    versions = _registered(settings, folders, tmp_path)
+    local = {v: Bundle(folder) for v, folder in zip(versions, folders, strict=True)}
     expected: dict[str, list[dict[str, float]]] = {}
     for version, bundle in local.items():
         results, _ = bundle.predict_items([("d", d) for d in dicoms], max_pixels=10**8)
