@@ -158,3 +158,11 @@ def test_a_label_nearly_all_from_one_source_is_split_by_image_so_every_fold_can_
     assert sorted(spine["fold"].value_counts()) == [4, 4, 4]  # cadma (11 of 12) is not one fold
     others = where[where["label"] == "others"]
     assert (others.groupby("source")["fold"].nunique() == 1).all()  # no source above 2/3: grouped
+
+
+def test_too_few_patients_to_split_is_a_clear_error_not_a_crash() -> None:
+    frame = pd.DataFrame(
+        {"sop_uid_hash": [f"s{i}" for i in range(10)], "patient_hash": ["p1"] * 10, "label": ["spine"] * 10}
+    )
+    with pytest.raises(ValueError, match=r"1 patient.*cannot fill train, val and test"):
+        split_examples(frame, seed=0)
