@@ -30,6 +30,8 @@ from dicom_router.orthanc.config import USER_METADATA
 from dicom_router.orthanc.send import SendError, dcmsend
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules, Subject, decide
+from dicom_router.routing.worker import Router
+from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
 from tests.conftest import run_cli
 from tests.dicom_factory import dicom_dataset
@@ -317,6 +319,11 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
         storescp.wait()
 
 
+def _received(folder: Path) -> Counter[str]:
+    """How many times ``storescp`` received each SOP instance."""
+    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
+
+
 def _storescp(folder: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
     """dcmtk's receiver writing every object it gets to a file of its own: it never de-duplicates."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -359,10 +366,7 @@ def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exa
         stack.Process("router-b", settings).stop()
         receiver.terminate()
         receiver.wait()
-    received = Counter(
-        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        for path in (tmp_path / "received").iterdir()
-    )
+    received = _received(tmp_path / "received")
     sent = {
         str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         for batch in batches
@@ -370,3 +374,50 @@ def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exa
     }
     assert set(received) == sent and len(sent) == 200
     assert [uid for uid, n in received.items() if n > 1] == []
+
+
+@pytest.mark.usefixtures("routed_stack")
+def test_a_store_whose_answer_was_lost_is_confirmed_from_orthancs_jobs_not_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = stack.free_port()
+    document = {
+        "destinations": {"pacs": {"aet": "COUNTING", "host": "127.0.0.1", "port": port}},
+        "review": {"below_confidence": 0.0},
+        "default": "pacs",
+    }
+    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document)
+    receiver = _storescp(tmp_path / "received", port, "COUNTING")
+    synthesize(tmp_path / "in", 2, sites=1, seed=51, long_side_px=64)
+    send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
+    orthanc = stack.orthanc_client(settings)
+    queue = RoutingQueue(settings.routing_queue)
+    wait_until(lambda: queue.counts().get("pending") == 2, 30, "both instances queued")
+    rules = RoutingRules.load(settings.route_rules)  # type: ignore[arg-type]
+    router = Router(settings, rules, orthanc, ModelClient(stack.model_server_url(settings)), queue)
+    router.ensure_destinations()
+    sent_before_crash, never_sent = sorted(orthanc.instances())
+    orthanc.store("pacs", sent_before_crash)  # a router's store that went through; then it died
+    for instance in (sent_before_crash, never_sent):  # both were mid-forward when their router died
+        queue.update(
+            instance,
+            state="forwarding",
+            destination="pacs",
+            routed_to="pacs",
+            body_part="spine",
+            confidence=0.9,
+            forward_started=time.time() - 5,
+        )
+    try:
+        while queue.counts() != {"done": 2}:
+            router.step()
+            time.sleep(0.1)
+        time.sleep(1.0)
+    finally:
+        receiver.terminate()
+        receiver.wait()
+    received = _received(tmp_path / "received")
+    assert sorted(received.values()) == [1, 1]  # each exactly once
+    details = {h["instance_id"]: h["detail"] for h in queue.history() if h["outcome"] == "delivered"}
+    assert "confirmed from Orthanc's job history" in details[sent_before_crash]
+    assert details[never_sent] == "pacs"

@@ -46,6 +46,11 @@ class Peer:
         }
 
 
+JOBS_HISTORY = 5000
+"""Finished jobs Orthanc remembers: the router confirms a store whose answer it lost (a crash mid-send)
+by finding its job here, so this must outlast a router's lease at full rate (default 10 would not)."""
+
+
 def orthanc_config(
     *,
     name: str,
@@ -77,6 +82,7 @@ def orthanc_config(
         "UserMetadata": USER_METADATA,
         "StableAge": 5,
         "SaveJobs": True,
+        "JobsHistorySize": JOBS_HISTORY,
         "ConcurrentJobs": 4,
         "HttpsVerifyPeers": True,
         "Plugins": [],

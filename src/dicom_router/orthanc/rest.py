@@ -140,5 +140,16 @@ class OrthancClient:
         if response.status_code != 200:
             raise ForwardFailed(_orthanc_error(response))
 
+    def store_outcomes(self) -> dict[str, str]:
+        """State of the newest C-STORE job Orthanc remembers per instance (``Success``, ``Running``,
+        ``Failure``…): how a store whose answer was lost is confirmed instead of sent again."""
+        jobs: list[dict[str, Any]] = self._json("GET", "/jobs", params={"expand": ""})
+        outcomes: dict[str, str] = {}
+        for job in sorted(jobs, key=lambda j: str(j.get("CreationTime", ""))):
+            if job.get("Type") == "DicomModalityStore":
+                for resource in job.get("Content", {}).get("ParentResources", []):
+                    outcomes[str(resource)] = str(job.get("State"))
+        return outcomes
+
     def close(self) -> None:
         self.http.close()

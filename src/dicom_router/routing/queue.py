@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS queue (
     done_at REAL,
     sop_hash TEXT,
     lease_owner TEXT,
-    lease_until REAL
+    lease_until REAL,
+    forward_started REAL
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS queue_study ON queue (study_id);
@@ -67,7 +68,7 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-ADDED_COLUMNS = {"sop_hash": "TEXT", "lease_owner": "TEXT", "lease_until": "REAL"}
+ADDED_COLUMNS = {"sop_hash": "TEXT", "lease_owner": "TEXT", "lease_until": "REAL", "forward_started": "REAL"}
 """Columns later releases added: a queue file written by an older router gains them on open."""
 
 COLUMNS = (
@@ -87,6 +88,7 @@ COLUMNS = (
     "destination",
     "done_at",
     "sop_hash",
+    "forward_started",
 )
 
 
@@ -110,6 +112,8 @@ class Item:
     destination: str | None
     done_at: float | None
     sop_hash: str | None
+    forward_started: float | None
+    """Set while a store is in flight: still set on a claimed row, the last store's outcome is unknown."""
 
     @property
     def classified(self) -> bool:

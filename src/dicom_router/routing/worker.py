@@ -338,14 +338,31 @@ class Router:
 
     def _forward(self, item: Item) -> None:
         """One C-STORE of this instance alone, sent only while this worker still holds it (lease renewed
-        first) and waited for here (Orthanc's job history forgets finished jobs, so polling them could
-        re-send); a refused store is retried alone, never re-sending others already delivered."""
+        first) and waited for here; a refused store is retried alone, never re-sending others.
+
+        ``forward_started`` is committed before the store and cleared with its outcome, so a row that
+        still has it when claimed lost its answer (a crash mid-send): Orthanc's job history then says
+        whether that store went through, and only a store that did not is sent again."""
         if not self.queue.hold(self.owner, [item.instance_id], self.settings.route_lease_s):
             return
+        if item.forward_started is not None:
+            outcome = self.orthanc.store_outcomes().get(item.instance_id)
+            if outcome == "Success":
+                self._delivered(item, "confirmed from Orthanc's job history after a lost answer")
+                return
+            if outcome in ("Pending", "Running", "Retry"):
+                raise OrthancUnavailable(f"an earlier store of {item.instance_id} is still {outcome}")
+        self.queue.update(item.instance_id, forward_started=time.time())
         try:
             self.orthanc.store(str(item.destination), item.instance_id)
-        except ForwardFailed as exc:
+        except ForwardFailed as exc:  # Orthanc answered: the outcome is known
+            self.queue.update(item.instance_id, forward_started=None)
             self.queue.audit(item, "forward-failed", str(exc))
             raise Retry(f"forward to {item.destination} failed: {exc}") from None
-        self.queue.update(item.instance_id, state="done", done_at=time.time(), last_error=None)
-        self.queue.audit(item, "delivered", str(item.destination))
+        self._delivered(item, str(item.destination))
+
+    def _delivered(self, item: Item, detail: str) -> None:
+        self.queue.update(
+            item.instance_id, state="done", done_at=time.time(), last_error=None, forward_started=None
+        )
+        self.queue.audit(item, "delivered", detail)
