@@ -143,8 +143,11 @@ def restart(settings: Settings, name: str, destination: Destination) -> None:
 
 def faults(settings: Settings, destination: Destination, stop: threading.Event, log: list[str]) -> None:
     rng = random.Random(7)
+    order = rng.sample(SERVICES, len(SERVICES))  # every service in turn, in a random order
+    turn = 0
     while not stop.wait(rng.uniform(5, 10)):
-        name = rng.choice(SERVICES)
+        name = order[turn % len(order)]
+        turn += 1
         kill(settings, name, destination)
         log.append(name)
         time.sleep(rng.uniform(1, 3))

@@ -332,19 +332,25 @@ def _storescp(folder: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.usefixtures("routed_stack")
-def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exactly_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _counting_destination(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str
+) -> tuple[Settings, subprocess.Popen[bytes]]:
+    """Rules sending everything to ``pacs``, a ``storescp`` receiving into ``tmp_path/received``."""
     port = stack.free_port()
     document = {
         "destinations": {"pacs": {"aet": "COUNTING", "host": "127.0.0.1", "port": port}},
         "review": {"below_confidence": 0.0},
-        "rules": [],
         "default": "pacs",
     }
-    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document, route_lease_s="5")
-    receiver = _storescp(tmp_path / "received", port, "COUNTING")
+    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document, **env)
+    return settings, _storescp(tmp_path / "received", port, "COUNTING")
+
+
+@pytest.mark.usefixtures("routed_stack")
+def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, receiver = _counting_destination(monkeypatch, tmp_path, route_lease_s="5")
     batches = [tmp_path / f"batch{i}" for i in range(4)]
     for i, batch in enumerate(batches):
         synthesize(batch, 50, sites=3, seed=30 + i, long_side_px=64)
@@ -380,14 +386,7 @@ def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exa
 def test_a_store_whose_answer_was_lost_is_confirmed_from_orthancs_jobs_not_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port = stack.free_port()
-    document = {
-        "destinations": {"pacs": {"aet": "COUNTING", "host": "127.0.0.1", "port": port}},
-        "review": {"below_confidence": 0.0},
-        "default": "pacs",
-    }
-    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document)
-    receiver = _storescp(tmp_path / "received", port, "COUNTING")
+    settings, receiver = _counting_destination(monkeypatch, tmp_path)
     synthesize(tmp_path / "in", 2, sites=1, seed=51, long_side_px=64)
     send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
     orthanc = stack.orthanc_client(settings)
