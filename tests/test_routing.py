@@ -383,21 +383,21 @@ def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exa
 
 
 @pytest.mark.usefixtures("routed_stack")
-def test_a_store_whose_answer_was_lost_is_confirmed_from_orthancs_jobs_not_sent_again(
+def test_a_lost_store_answer_is_confirmed_from_orthancs_jobs_and_a_deleted_instance_ends_as_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, receiver = _counting_destination(monkeypatch, tmp_path)
-    synthesize(tmp_path / "in", 2, sites=1, seed=51, long_side_px=64)
+    synthesize(tmp_path / "in", 3, sites=1, seed=51, long_side_px=64)
     send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
     orthanc = stack.orthanc_client(settings)
     queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts().get("pending") == 2, 30, "both instances queued")
+    wait_until(lambda: queue.counts().get("pending") == 3, 30, "the instances queued")
     rules = RoutingRules.load(settings.route_rules)  # type: ignore[arg-type]
     router = Router(settings, rules, orthanc, ModelClient(stack.model_server_url(settings)), queue)
     router.ensure_destinations()
-    sent_before_crash, never_sent = sorted(orthanc.instances())
+    sent_before_crash, never_sent, deleted = sorted(orthanc.instances())
     orthanc.store("pacs", sent_before_crash)  # a router's store that went through; then it died
-    for instance in (sent_before_crash, never_sent):  # both were mid-forward when their router died
+    for instance in (sent_before_crash, never_sent, deleted):  # all mid-forward when their router died
         queue.update(
             instance,
             state="forwarding",
@@ -407,8 +407,9 @@ def test_a_store_whose_answer_was_lost_is_confirmed_from_orthancs_jobs_not_sent_
             confidence=0.9,
             forward_started=time.time() - 5,
         )
+    orthanc.http.delete(f"{orthanc.url}/instances/{deleted}").raise_for_status()  # by a user, meanwhile
     try:
-        while queue.counts() != {"done": 2}:
+        while queue.counts() != {"done": 3}:
             router.step()
             time.sleep(0.1)
         time.sleep(1.0)
@@ -419,4 +420,5 @@ def test_a_store_whose_answer_was_lost_is_confirmed_from_orthancs_jobs_not_sent_
     assert sorted(received.values()) == [1, 1]  # each exactly once
     details = {h["instance_id"]: h["detail"] for h in queue.history() if h["outcome"] == "delivered"}
     assert "confirmed from Orthanc's job history" in details[sent_before_crash]
-    assert details[never_sent] == "pacs"
+    assert details[never_sent] == "pacs" and deleted not in details
+    assert [h["instance_id"] for h in queue.history() if h["outcome"] == "gone"] == [deleted]

@@ -211,17 +211,6 @@ class RoutingQueue:
                 [(i, owner) for i in instance_ids],
             )
 
-    def due(self, limit: int, now: float | None = None) -> list[Item]:
-        """Rows whose next attempt is due, oldest first (without claiming them)."""
-        now = time.time() if now is None else now
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE state IN ('pending', 'forwarding') "
-                "AND next_attempt_at <= ? ORDER BY enqueued_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
-        return [Item(*row) for row in rows]
-
     def get(self, instance_id: str) -> Item | None:
         with self._lock:
             row = self._db.execute(
