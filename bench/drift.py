@@ -47,7 +47,7 @@ from dicom_router.config import Settings
 from dicom_router.data import CachedImages
 from dicom_router.dicom.decode import decode_bytes
 from dicom_router.dicom.deid import acquisition_fields
-from dicom_router.inference import Bundle, PreprocessConfig, letterbox, metadata_vector
+from dicom_router.inference import Bundle, PreprocessConfig, letterbox, metadata_vector, statistics_of
 from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.monitoring.drift import AlertRules, run_drift
 from dicom_router.monitoring.inference_log import InferenceLog, log_record, records_frame, score_items
@@ -265,7 +265,10 @@ def main() -> None:
     times = []
     for _ in range(20):
         began = time.perf_counter()
-        sample = log_record(decoded, ("spine", 0.9), embedding, "bodypart-router/1", now, key=KEY)
+        facts = statistics_of(decoded)
+        sample = log_record(
+            decoded.dataset, facts, ("spine", 0.9), embedding, "bodypart-router/1", now, key=KEY
+        )
         times.append(time.perf_counter() - began)
     with InferenceLog(str(work / "overhead-log"), settings, flush_every=256) as log:
         began = time.perf_counter()

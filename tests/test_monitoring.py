@@ -31,7 +31,7 @@ from dicom_router.catalog import ingest
 from dicom_router.config import Settings
 from dicom_router.dicom.decode import decode_bytes
 from dicom_router.dicom.deid import load_key
-from dicom_router.inference import Bundle
+from dicom_router.inference import Bundle, statistics_of
 from dicom_router.monitoring.alerts import post_webhook
 from dicom_router.monitoring.dashboard import (
     UI_ENV,
@@ -141,7 +141,10 @@ def test_log_records_carry_the_catalogs_ids_and_no_patient_data(settings: Settin
         data = (tmp_path / "dicom" / str(row.key)).read_bytes()
         decoded = decode_bytes(data, str(row.key), max_pixels=MAX_PIXELS)
         routed_at = datetime(2026, 3, 1, 14, 37, 12, 345, tzinfo=UTC)
-        record = log_record(decoded, ("spine", 0.7), np.ones(512), "bodypart-router/1", routed_at, key=key)
+        statistics = statistics_of(decoded)
+        record = log_record(
+            decoded.dataset, statistics, ("spine", 0.7), np.ones(512), "bodypart-router/1", routed_at, key=key
+        )
         assert record["at"] == datetime(2026, 3, 1, 14, tzinfo=UTC)  # the hour, no finer
         assert record["age_years"] == int(record["age_years"]) or record["age_years"] < 2
         for column in ("sop_uid_hash", "site_id", "scanner_id", "manufacturer", "model_name", "kvp", "rows"):
@@ -230,17 +233,21 @@ class _Answer:
     confidence: float
     model_version: str
     embedding: np.ndarray | None
+    statistics: dict[str, float] | None = None
 
 
 def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(
     settings: Settings, tmp_path: Path
 ) -> None:
     records = synthesize(tmp_path / "dicom", 5, sites=2, seed=6, long_side_px=SIDE)
+    first = (tmp_path / "dicom" / records[0].file).read_bytes()
+    served = {**statistics_of(decode_bytes(first, "first", max_pixels=MAX_PIXELS)), "mean": 0.123}
     hook = InstanceLogger(InferenceLog(str(tmp_path / "log"), settings), settings)
     began = time.perf_counter()
     for i, record in enumerate(records):
         data = (tmp_path / "dicom" / record.file).read_bytes()
-        hook(f"orthanc-{i}", data, _Answer("spine", 0.8, "3", np.ones(512, np.float32)))
+        answer = _Answer("spine", 0.8, "3", np.ones(512, np.float32), served if i == 0 else None)
+        hook(f"orthanc-{i}", data, answer)
     hook("orthanc-bad", b"not a dicom", _Answer("spine", 0.8, "3", None))
     queued_s = time.perf_counter() - began
     hook.close()
@@ -249,6 +256,7 @@ def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(
     assert len(frame) == 5 and set(frame["model_version"]) == {"bodypart-router/3"}
     assert frame["img_mean"].notna().all() and frame["emb_7"].notna().all()
     assert frame["site_id"].nunique() == 2
+    assert (frame["img_mean"] == 0.123).sum() == 1  # taken from the answer, not decoded again
 
 
 # --- drift per group -------------------------------------------------------------------------------

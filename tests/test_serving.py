@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import shutil
 import threading
 import time
@@ -23,7 +24,7 @@ from dicom_router.dicom.errors import InvalidPixelData, NotDicom
 from dicom_router.inference import Bundle, PreprocessConfig
 from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.registry import connect, experiment, register_bundle
-from dicom_router.serving.client import ModelClient
+from dicom_router.serving.client import ModelClient, parse_statistics
 from dicom_router.serving.predictor import check_images, v1_instances
 from dicom_router.synth import synthesize
 from tests.dicom_factory import dicom_bytes
@@ -76,6 +77,7 @@ def test_v1_and_v2_dicom_requests_get_labels_probabilities_and_the_version(
     assert answer.label == predictions[0]["label"]
     assert answer.confidence == pytest.approx(predictions[0]["confidence"], abs=1e-6)
     assert answer.embedding is not None and answer.embedding.ndim == 1 and answer.model_version == "local"
+    assert answer.statistics is not None and 0.0 <= answer.statistics["mean"] <= 1.0  # for the inference log
 
 
 def test_preprocessed_tensors_are_accepted_and_checked(server: str) -> None:
@@ -283,3 +285,10 @@ def test_answers_during_alias_swaps_come_from_the_model_whose_version_they_repor
     for i, answer in answers:
         want = expected[answer.model_version][i % len(dicoms)]
         assert answer.probabilities == pytest.approx(want, abs=1e-4)
+
+
+def test_image_statistics_survive_json_where_nan_is_null() -> None:
+    output = np.array([b'{"mean": 0.5, "spacing": null}'], dtype=object)
+    parsed = parse_statistics(output)
+    assert parsed is not None and parsed["mean"] == 0.5 and math.isnan(parsed["spacing"])
+    assert parse_statistics(np.array([b"not json"], dtype=object)) is None  # then the log decodes itself

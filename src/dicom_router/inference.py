@@ -22,9 +22,10 @@ import torch.nn.functional as F  # noqa: N812
 from pydantic import BaseModel, ConfigDict
 
 from dicom_router import LABELS
-from dicom_router.dicom.decode import decode_bytes
-from dicom_router.dicom.deid import acquisition_fields
+from dicom_router.dicom.decode import DecodedImage, decode_bytes
+from dicom_router.dicom.deid import acquisition_fields, pixel_spacing_mm
 from dicom_router.dicom.errors import DicomInputError
+from dicom_router.monitoring.features import image_statistics
 
 BUNDLE_FILES = ("model.onnx", "labels.json", "preprocess.json", "card.json")
 VIEW_GROUPS = ("PA", "AP", "LAT", "OTHER")
@@ -148,14 +149,22 @@ class Prepared:
     image: npt.NDArray[np.float32]
     """``[1, S, S]`` in [0, 1]."""
     meta: npt.NDArray[np.float32]
+    statistics: dict[str, float]
+    """The decoded image's grey-level facts (``statistics_of``): the inference log takes them from this
+    decode instead of decoding the instance again."""
+
+
+def statistics_of(decoded: DecodedImage) -> dict[str, float]:
+    """Grey-level facts of a decoded image as drift monitoring compares them."""
+    return image_statistics(decoded.pixels, pixel_spacing_mm(decoded.dataset))
 
 
 def prepare(data: bytes, path: str, config: PreprocessConfig, *, max_pixels: int) -> Prepared:
-    """DICOM bytes → model inputs; typed errors for bad input."""
+    """DICOM bytes → model inputs (and the image's statistics); typed errors for bad input."""
     decoded = decode_bytes(data, path, max_pixels=max_pixels)
     pixels = equalize(decoded.pixels) if config.equalize else decoded.pixels
     image = letterbox(pixels, config.image_size)[None]
-    return Prepared(image, metadata_vector(acquisition_fields(decoded.dataset)))
+    return Prepared(image, metadata_vector(acquisition_fields(decoded.dataset)), statistics_of(decoded))
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,18 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydicom import Dataset
 
 from dicom_router.catalog import CATALOG_SCHEMA
 from dicom_router.config import Settings
 from dicom_router.dicom.decode import DecodedImage, decode_bytes
 from dicom_router.dicom.deid import acquisition_fields, load_key, scanner_id, site_id, uid_hash
 from dicom_router.dicom.errors import DicomInputError
-from dicom_router.inference import Bundle, equalize, letterbox, metadata_vector
+from dicom_router.dicom.header import parse
+from dicom_router.inference import Bundle, equalize, letterbox, metadata_vector, statistics_of
 from dicom_router.monitoring.features import (
     EMBEDDING_COLUMNS,
     STAT_NAMES,
-    image_statistics,
     project_embedding,
 )
 from dicom_router.storage import open_store, write_uri
@@ -91,7 +92,8 @@ def coarse_time(at: datetime) -> datetime:
 
 
 def log_record(
-    decoded: DecodedImage,
+    ds: Dataset,
+    statistics: Mapping[str, float],
     prediction: tuple[str, float],
     embedding: npt.NDArray[np.floating] | None,
     model_version: str,
@@ -102,10 +104,10 @@ def log_record(
     """One routed instance → its log record (``LOG_SCHEMA`` keys).
 
     ``key`` is the deployment's pseudonym key (``deid.load_key``), so ``site_id`` and ``scanner_id`` are
-    the catalog's. ``embedding`` is the bundle's raw ``[D]`` (or ``[1, D]``) output, projected here; None
-    (a server that returns no embedding) leaves the projection empty (NaN).
+    the catalog's; ``statistics`` are the image's (``inference.statistics_of``). ``embedding`` is the
+    bundle's raw ``[D]`` (or ``[1, D]``) output, projected here; None (a server that returns no
+    embedding) leaves the projection empty (NaN).
     """
-    ds = decoded.dataset
     fields = acquisition_fields(ds)
     record: dict[str, Any] = {
         "at": coarse_time(at),
@@ -115,8 +117,7 @@ def log_record(
         "scanner_id": scanner_id(key, ds),
         **{name: fields[name] for name in _ACQUISITION_FIELDS},
     }
-    stats = image_statistics(decoded.pixels, fields["pixel_spacing"])
-    record.update({f"img_{name}": value for name, value in stats.items()})
+    record.update({f"img_{name}": float(value) for name, value in statistics.items()})
     label, confidence = prediction
     record["pred_label"] = label
     record["confidence"] = float(confidence)
@@ -168,7 +169,13 @@ def score_items(
             prediction = bundle.prediction(row)
             records.append(
                 log_record(
-                    image, (prediction.label, prediction.confidence), embedding, version, when, key=key
+                    image.dataset,
+                    statistics_of(image),
+                    (prediction.label, prediction.confidence),
+                    embedding,
+                    version,
+                    when,
+                    key=key,
                 )
             )
     return records, errors
@@ -365,6 +372,9 @@ class Answer(Protocol):
     def model_version(self) -> str: ...
 
     @property
+    def statistics(self) -> Mapping[str, float] | None: ...
+
+    @property
     def embedding(self) -> npt.NDArray[np.float32] | None: ...
 
 
@@ -408,9 +418,14 @@ class InstanceLogger:
                 else f"{self.model_name}/{answer.model_version}"
             )
             try:
-                decoded = decode_bytes(data, instance_id, max_pixels=self.max_pixels)
+                if answer.statistics is not None:  # from the model server's decode: no second one here
+                    ds, statistics = parse(data, instance_id), answer.statistics
+                else:
+                    decoded = decode_bytes(data, instance_id, max_pixels=self.max_pixels)
+                    ds, statistics = decoded.dataset, statistics_of(decoded)
                 prediction = (answer.label, answer.confidence)
-                self.log.append(log_record(decoded, prediction, answer.embedding, version, at, key=self.key))
+                record = log_record(ds, statistics, prediction, answer.embedding, version, at, key=self.key)
+                self.log.append(record)
             except Exception:  # one odd instance must not stop logging the others
                 self.failed += 1
                 log.exception("inference log: no record for %s", instance_id)

@@ -11,7 +11,10 @@ The routing worker and the benchmarks use it. A typed 4xx from the server comes 
 from __future__ import annotations
 
 import base64
+import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -42,6 +45,8 @@ class Classification:
     low_confidence: bool
     model_version: str
     embedding: npt.NDArray[np.float32] | None = None
+    statistics: dict[str, float] | None = None
+    """The image's grey-level facts from the server's decode (asked for with ``embedding``)."""
 
 
 class ModelClient:
@@ -59,7 +64,7 @@ class ModelClient:
 
     def classify(self, data: bytes, *, path: str = "dicom", embedding: bool = False) -> Classification:
         dicom = InferInput("dicom", [1], "BYTES", [base64.b64encode(data).decode("ascii")])
-        wanted = [*OUTPUTS, "embedding"] if embedding else list(OUTPUTS)
+        wanted = [*OUTPUTS, "embedding", "image_statistics"] if embedding else list(OUTPUTS)
         request = InferRequest(
             MODEL_NAME,
             infer_inputs=[dicom],
@@ -91,10 +96,24 @@ class ModelClient:
             low_confidence=bool(out["low_confidence"].reshape(-1)[0]),
             model_version=str(result.model_version),
             embedding=out["embedding"].reshape(-1).astype(np.float32) if embedding else None,
+            statistics=parse_statistics(out.get("image_statistics")),
         )
 
     def close(self) -> None:
         self.http.close()
+
+
+def parse_statistics(output: npt.NDArray[Any] | None) -> dict[str, float] | None:
+    """The server's image statistics (JSON; NaN arrives as null); None when absent or unreadable, so
+    the inference log decodes the image itself rather than the classification failing."""
+    if output is None or output.size == 0:
+        return None
+    value = output.reshape(-1)[0]
+    try:
+        document = json.loads(value.decode() if isinstance(value, bytes) else str(value))
+        return {str(k): math.nan if v is None else float(v) for k, v in document.items()}
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _typed_error(path: str, response: httpx.Response) -> DicomInputError:

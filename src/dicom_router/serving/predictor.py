@@ -60,6 +60,9 @@ class Inputs:
     v2: bool
     request_id: str | None = None
     want_embedding: bool = False
+    statistics: list[dict[str, float]] = field(default_factory=list)
+    """Per DICOM input, its image's grey-level facts (none for tensor inputs)."""
+    want_statistics: bool = False
 
 
 @dataclass
@@ -374,7 +377,8 @@ class BodyPartModel(Model):  # type: ignore[misc]
         config = bundle.preprocess
         if isinstance(payload, InferRequest):
             items, tensor = v2_inputs(payload)
-            want_embedding = any(o.name == "embedding" for o in payload.request_outputs or [])
+            asked = {o.name for o in payload.request_outputs or []}
+            want_embedding, want_statistics = "embedding" in asked, "image_statistics" in asked
             v2, request_id = True, payload.id
         else:
             v1 = v1_instances(payload)
@@ -384,7 +388,8 @@ class BodyPartModel(Model):  # type: ignore[misc]
                 raise NotDicom("instances", "mix of DICOM and preprocessed instances in one request")
             tensor = np.stack(arrays) if arrays else None
             want_embedding = isinstance(payload, dict) and bool(payload.get("embedding"))
-            v2, request_id = False, None
+            want_statistics, v2, request_id = False, False, None
+        statistics: list[dict[str, float]] = []
         try:
             if tensor is not None:
                 images = check_images(tensor, config)
@@ -393,10 +398,12 @@ class BodyPartModel(Model):  # type: ignore[misc]
                 prepared = await self.pool.prepare_all(items, config, self.settings.max_image_pixels)
                 images = np.stack([p.image for p in prepared])
                 meta = np.stack([p.meta for p in prepared])
+                statistics = [p.statistics for p in prepared]
         except DicomInputError as exc:
             REJECTED.labels(type=exc.type).inc()
             raise
-        return Inputs(images, meta, bundle, v2, request_id, want_embedding)
+        wanted = want_statistics and bool(statistics)
+        return Inputs(images, meta, bundle, v2, request_id, want_embedding, statistics, wanted)
 
     async def predict(
         self,
@@ -444,6 +451,9 @@ class BodyPartModel(Model):  # type: ignore[misc]
                     "embedding", list(outputs.embedding.shape), "FP32", outputs.embedding.reshape(-1).tolist()
                 )
             )
+        if outputs.inputs.want_statistics:
+            documents = [orjson.dumps(st).decode() for st in outputs.inputs.statistics]
+            result.append(InferOutput("image_statistics", [n], "BYTES", documents))
         return InferResponse(
             outputs.inputs.request_id or "",
             MODEL_NAME,
@@ -466,4 +476,5 @@ class BodyPartModel(Model):  # type: ignore[misc]
             {"name": "confidence", "datatype": "FP32", "shape": [-1]},
             {"name": "low_confidence", "datatype": "BOOL", "shape": [-1]},
             {"name": "embedding", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "image_statistics", "datatype": "BYTES", "shape": [-1]},
         ]
