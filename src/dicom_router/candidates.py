@@ -132,7 +132,6 @@ def load_labelled(
     else:
         raise ValueError("give a catalog or a labelled data folder")
     usable = frame[frame["label"].notna() & frame["has_pixels"]].reset_index(drop=True)
-    catalog_uri = catalog
     if usable.empty:
         raise ValueError(f"no labelled images with pixel data in {catalog or ', '.join(data)}")
     if "source" in usable.columns:
@@ -141,7 +140,7 @@ def load_labelled(
             table = pd.read_csv(collections, dtype=str)
             mapping = dict(zip(table["source"], table["collection"], strict=True))
         usable["collection"] = [mapping.get(str(s), s) for s in usable["source"]]
-    return Labelled(usable, source, catalog_uri)
+    return Labelled(usable, source, catalog)
 
 
 @dataclass

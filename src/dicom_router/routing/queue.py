@@ -145,7 +145,11 @@ class RoutingQueue:
         present = {row[1] for row in self._db.execute("PRAGMA table_info(queue)")}
         for name, kind in ADDED_COLUMNS.items():
             if name not in present:
-                self._db.execute(f"ALTER TABLE queue ADD COLUMN {name} {kind}")
+                try:
+                    self._db.execute(f"ALTER TABLE queue ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # the hook and the router opened it at once
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

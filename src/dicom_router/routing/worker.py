@@ -95,9 +95,9 @@ class Router:
         self._last_recover = 0.0
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.route_concurrency))
         self._outages = 0
-        self.last_pass = time.monotonic()
-        """When the loop last finished a pass (``/health``: a hung router is not alive)."""
         """Consecutive outages (model server or Orthanc unreachable): the wait grows with them."""
+        self.last_pass = time.monotonic()
+        """When the loop last started a pass (``/health``: a hung router is not alive)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """This worker's name on the queue rows it leases."""
 
@@ -174,7 +174,7 @@ class Router:
         them; returns how many were claimed.
 
         New instances are classified concurrently (so the model server can batch them); decided ones
-        are forwarded in one Orthanc job per destination, and each job is checked once per step.
+        are then forwarded concurrently, one C-STORE per instance.
         """
         limit = max(8, 4 * self.settings.route_concurrency)
         items = self.queue.claim(self.owner, limit, self.settings.route_lease_s)

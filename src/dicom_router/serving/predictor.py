@@ -177,6 +177,9 @@ class DecodePool:
         self.workers = workers
         self.executor = self._start()
         self._replacing = asyncio.Lock()
+        self._isolation = asyncio.Semaphore(workers)
+        """At most ``workers`` lone re-runs at once: a crash with many requests in flight must not fork
+        as many processes."""
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")  # no fork after ONNX Runtime/torch threads exist
@@ -207,7 +210,8 @@ class DecodePool:
         except BrokenProcessPool:
             DECODER_CRASHES.inc()
             await self._replace(executor)
-        return await loop.run_in_executor(None, _isolated, job, str(job.args[1]))
+        async with self._isolation:
+            return await loop.run_in_executor(None, _isolated, job, str(job.args[1]))
 
     async def _replace(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         async with self._replacing:
