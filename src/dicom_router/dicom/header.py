@@ -47,7 +47,6 @@ def _read(data: bytes, path: str, *, stop_before_pixels: bool) -> tuple[Dataset,
         raise Truncated(path, f"input ends inside the file meta information ({exc})") from None
     except Exception as exc:  # malformed element headers surface as ValueError/struct.error/...
         raise NotDicom(path, f"unreadable DICOM structure: {exc}") from None
-    _parse_every_element(ds, path)
     return ds, buf.tell()
 
 
@@ -105,6 +104,7 @@ def parse(data: bytes, path: str) -> Dataset:
         raise Truncated(path, f"input ends after {len(data)} bytes, before the data set")
     if cut := _cut_short(ds):
         raise Truncated(path, cut)
+    _parse_every_element(ds, path)
     _ensure_transfer_syntax(ds)
     return ds
 
@@ -163,6 +163,7 @@ def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int)
             delimiter = _SEQUENCE_DELIMITER[bool(ds.original_encoding[1])]
             if whole and encapsulated and chunk.find(delimiter, start) < 0:
                 raise Truncated(path, "encapsulated Pixel Data has no sequence delimiter: it is cut")
+            _parse_every_element(ds, path)
             _ensure_transfer_syntax(ds)
             return Header(ds, chunk, True, start, length)
         if not whole:
@@ -172,6 +173,7 @@ def read_header(fetch: Callable[[int], bytes], size: int, path: str, first: int)
             raise Truncated(path, f"input ends after {len(chunk)} bytes, before the data set")
         if cut := _cut_short(ds):
             raise Truncated(path, cut)
+        _parse_every_element(ds, path)
         _ensure_transfer_syntax(ds)
         return Header(ds, chunk, False)
 
