@@ -50,6 +50,7 @@ from dicom_router.monitoring.features import (
 from dicom_router.monitoring.inference_log import (
     InferenceLog,
     InstanceLogger,
+    coarse_time,
     log_record,
     read_inference_log,
     records_frame,
@@ -529,3 +530,16 @@ def test_the_drift_command_exits_3_on_an_alert_and_0_without(
     assert [g["by"] for g in document["groups"] if g["new_source"]] != []
     bad = run_cli("drift", "--reference", str(ref), "--current", str(loud), "--window", "soon")
     assert bad.returncode == 64
+
+
+def test_a_window_that_starts_mid_hour_holds_the_records_of_that_hour(
+    reference: pd.DataFrame, settings: Settings, tmp_path: Path
+) -> None:
+    prefix = str(tmp_path / "log")
+    routed = datetime(2026, 3, 1, 14, 37, tzinfo=UTC)
+    with InferenceLog(prefix, settings, flush_every=1, flush_after_s=0.1) as log:
+        row = {str(k): v for k, v in reference.head(1).to_dict("records")[0].items()}
+        log.append({**row, "at": coarse_time(routed)})
+        assert log.flush(timeout=30)
+    assert len(read_inference_log(prefix, settings, since=routed)) == 1  # logged as 14:00, asked from 14:37
+    assert len(read_inference_log(prefix, settings, since=routed + timedelta(hours=1))) == 0

@@ -222,7 +222,12 @@ def read_inference_log(
     uri_prefix: str, settings: Settings, since: datetime | None = None, until: datetime | None = None
 ) -> pd.DataFrame:
     """Every record under ``uri_prefix`` with ``since <= at < until``; only matching day partitions are
-    read. Always has the log's columns (an empty log gives an empty frame)."""
+    read. Always has the log's columns (an empty log gives an empty frame).
+
+    Records carry the hour they were routed in (``coarse_time``), so ``since`` counts from the start of
+    its hour: a window that begins mid-hour still holds the instances routed in that hour."""
+    if since is not None:
+        since = coarse_time(since)
     store = open_store(uri_prefix, settings)
     first = _utc(since).date() if since else None
     last = _utc(until).date() if until else None
