@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from dicom_router import LABELS
 from dicom_router.config import Settings
-from dicom_router.dicom.errors import ERROR_TYPES, DicomInputError
+from dicom_router.dicom.errors import ERRORS_BY_TYPE, DicomInputError
 from dicom_router.inference import PreprocessConfig, metadata_vector, prepare
 from dicom_router.storage import Store, open_store
 
@@ -136,9 +136,8 @@ def _remembered_errors(
     if "error_keys" not in data:
         return
     keys = {r["sop_uid_hash"]: r["key"] for r in shard}
-    by_type = {cls.type: cls for cls in ERROR_TYPES}
     for sop, kind, reason in zip(data["error_keys"], data["error_types"], data["error_reasons"], strict=True):
-        yield by_type[str(kind)](f"{store_uri.rstrip('/')}/{keys[str(sop)]}", str(reason))
+        yield ERRORS_BY_TYPE[str(kind)](f"{store_uri.rstrip('/')}/{keys[str(sop)]}", str(reason))
 
 
 def build_cache(

@@ -68,3 +68,6 @@ ERROR_TYPES: tuple[type[DicomInputError], ...] = (
     UnsupportedImage,
 )
 """The closed list, in the contract's order."""
+
+ERRORS_BY_TYPE: dict[str, type[DicomInputError]] = {cls.type: cls for cls in ERROR_TYPES}
+"""An error type's name → its class: how a typed error is rebuilt from a server answer or a cache."""

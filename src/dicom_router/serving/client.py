@@ -21,10 +21,9 @@ import numpy as np
 import numpy.typing as npt
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, RequestedOutput
 
-from dicom_router.dicom.errors import ERROR_TYPES, DicomInputError, NotDicom
+from dicom_router.dicom.errors import ERRORS_BY_TYPE, DicomInputError, NotDicom
 from dicom_router.serving.predictor import MODEL_NAME
 
-ERRORS_BY_TYPE = {cls.type: cls for cls in ERROR_TYPES}
 OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
 
 
