@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from evidently.core.report import Snapshot
 
 from dicom_router import stack
 from dicom_router.candidates import save_bundle
@@ -53,6 +54,7 @@ from dicom_router.monitoring.inference_log import (
     coarse_time,
     log_record,
     read_inference_log,
+    read_window,
     records_frame,
     score_items,
 )
@@ -226,6 +228,33 @@ def test_a_storage_outage_loses_no_appends_and_raises_nothing(
         log.append({})
 
 
+def test_records_lost_in_an_outage_are_counted_in_the_log_and_in_the_drift_report(
+    reference: pd.DataFrame, settings: Settings, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "log"
+    blocker.write_text("a file where the log's folder should be")
+    log = InferenceLog(str(blocker), settings, flush_every=100, flush_after_s=60, max_pending=3)
+    for record in _timed_records(reference.head(5), datetime(2026, 3, 1, tzinfo=UTC)):
+        log.append(record)
+    assert log.flush(timeout=10) is False and log.dropped == 2  # the two oldest gave way
+    blocker.unlink()  # storage is back
+    assert log.flush(timeout=10) is True
+    log.close()
+    window = read_window(str(blocker), settings)
+    assert (len(window.frame), window.lost) == (3, 2)
+    ref_path = tmp_path / "reference.parquet"
+    reference.to_parquet(ref_path)
+    job = DriftJob(
+        reference=str(ref_path),
+        current=str(blocker),
+        report_uri=str(tmp_path / "r.html"),
+        log_to_mlflow=False,
+    )
+    result = drift_job(settings, job)
+    assert result.document()["lost_records"] == 2
+    assert "Inference-log records lost in this window: 2" in (tmp_path / "r.html").read_text()
+
+
 @dataclass(frozen=True)
 class _Answer:
     """The model server's answer as the routing worker holds it (``serving.client.Classification``)."""
@@ -253,6 +282,7 @@ def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(
     queued_s = time.perf_counter() - began
     hook.close()
     assert queued_s < 0.05 and hook.failed == 1 and hook.dropped == 0
+    assert read_window(str(tmp_path / "log"), settings).lost == 1  # the unreadable one
     frame = read_inference_log(str(tmp_path / "log"), settings)
     assert len(frame) == 5 and set(frame["model_version"]) == {"bodypart-router/3"}
     assert frame["img_mean"].notna().all() and frame["emb_7"].notna().all()
@@ -318,8 +348,22 @@ def test_a_known_site_with_a_new_detector_alerts(
     assert {"manufacturer", "model_name", "photometric", "img_mean"} <= set(by_site[site_a].drifted_columns)
     assert by_site[site_a].drift_share >= AlertRules().drift_share
     assert [g.name for g in result.groups[1:] if g.alert] == [f"site_id={site_a}"]  # the other sites: no
+    evaluated = [g for g in result.groups if g.evaluated]
+    assert len(evaluated) >= 2
+    for group in evaluated:  # alert, HTML and dashboard read one Evidently run: they agree
+        assert group.snapshot is not None
+        count, share = _shown_drift(group.snapshot)
+        assert count == len(group.drifted_columns) and share == pytest.approx(group.drift_share)
     by_scanner = run_drift(reference, changed, ["site_id", "scanner_id"], AlertRules())
     assert [g.new_source for g in by_scanner.groups if "scanner_id" in g.by] == [True]
+
+
+def _shown_drift(snapshot: Snapshot) -> tuple[int, float]:
+    """The drifted-columns count and share that the group's report and dashboard show."""
+    (value,) = [
+        m["value"] for m in snapshot.dict()["metrics"] if m["metric_name"].startswith("DriftedColumnsCount")
+    ]
+    return int(value["count"]), float(value["share"])
 
 
 def test_rules_windows_and_inputs_are_checked_before_any_work(

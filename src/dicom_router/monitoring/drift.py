@@ -23,14 +23,11 @@ import yaml
 from evidently import DataDefinition, Dataset, Report
 from evidently.core.metric_types import render_widgets
 from evidently.core.report import Snapshot
-from evidently.legacy.calculations.data_drift import get_drift_for_columns
 from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest
 from evidently.legacy.core import ColumnType
-from evidently.legacy.options.data_drift import DataDriftOptions
-from evidently.legacy.pipeline.column_mapping import ColumnMapping
 from evidently.legacy.renderers.html_widgets import group_widget, table_data, text_widget
-from evidently.legacy.utils.data_operations import process_columns
-from evidently.metrics import DriftedColumnsCount, MeanValue, RowCount, UniqueValueCount
+from evidently.legacy.tests.base_test import TestStatus
+from evidently.metrics import DriftedColumnsCount, MeanValue, RowCount, UniqueValueCount, ValueDrift
 from evidently.presets import DataDriftPreset
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy.stats import chi2_contingency
@@ -45,9 +42,10 @@ MISSING = "(missing)"
 """How an absent categorical value is tested (a header field that starts to be missing is drift)."""
 DETAIL = ("alerts", "all")
 """Which groups get Evidently's full per-column report (distributions, the drift table) in the HTML and
-the workspace: alerting ones only (default) or all. A full report of the 33 columns costs ~2 s here,
-nearly all of it plotting; the compact one (drift share, instances, prediction mix, mean confidence)
-~0.25 s."""
+the workspace: alerting ones only (default) or all. A full report of the 33 columns costs ~2.3 s here,
+nearly all of it plotting; the compact one (each column's drift test, the drift share, instances,
+prediction mix, mean confidence) ~1 s. A group that alerts in its compact run is run again in full, and
+its verdict is read from that run, the one shown."""
 
 
 CHI2_TWO_SAMPLE = "chi2_two_sample"
@@ -188,6 +186,9 @@ class DriftResult:
     """The model version (``name/version``) whose records CUR was cut to (REF is that version's)."""
     other_versions: int = 0
     """CUR records of other model versions, left out (a promotion is not drift)."""
+    lost_records: int = 0
+    """Inference-log records of the window that were lost (queues full, storage away, unreadable
+    instance): CUR describes the traffic less this many instances."""
 
     @property
     def alert(self) -> bool:
@@ -202,6 +203,7 @@ class DriftResult:
             "at": self.at.isoformat(timespec="seconds"),
             "model_version": self.model_version,
             "other_versions": self.other_versions,
+            "lost_records": self.lost_records,
         }
 
     def render_html(self) -> str:
@@ -215,6 +217,13 @@ class DriftResult:
                 title="dicom-router drift",
                 text=f"Run at {self.at.isoformat(timespec='seconds')}: "
                 + ("**alert**" if self.alert else "no alert")
+                + (f". Model version {self.model_version}" if self.model_version else "")
+                + (
+                    f" ({self.other_versions} records of other versions left out)"
+                    if self.other_versions
+                    else ""
+                )
+                + f". Inference-log records lost in this window: {self.lost_records}"
                 + f". Rules: `{self.rules.model_dump_json()}`",
             ),
             table_data(
@@ -320,37 +329,6 @@ def _group_keys(values: pd.Series) -> pd.Series:
     return values.map(lambda v: _key(v) or _NO_VALUE).astype(object)
 
 
-def column_drift(
-    ref: pd.DataFrame, cur: pd.DataFrame, columns: Sequence[str], rules: AlertRules
-) -> list[str]:
-    """The drifted columns, by the per-column tests Evidently's ``DriftedColumnsCount`` and
-    ``DataDriftPreset`` run (``get_drift_for_columns`` with the same options), without any plotting."""
-    mapping = ColumnMapping(
-        target=None,
-        prediction=None,
-        datetime=None,
-        numerical_features=[c for c in columns if c not in CATEGORICAL_COLUMNS],
-        categorical_features=[c for c in columns if c in CATEGORICAL_COLUMNS],
-    )
-    options = DataDriftOptions(
-        cat_features_stattest=rules.cat_method,
-        num_features_stattest=rules.num_method,
-        all_features_threshold=rules.threshold,
-    )
-    reference = ref[list(columns)].reset_index(drop=True)
-    with _quiet():
-        drift = get_drift_for_columns(
-            current_data=cur[list(columns)].reset_index(drop=True),
-            reference_data=reference,
-            dataset_columns=process_columns(reference, mapping),
-            data_drift_options=options,
-            drift_share_threshold=rules.drift_share,
-            columns=list(columns),
-            agg_data=True,
-        )
-    return [c for c in columns if drift.drift_by_columns[c].drift_detected]
-
-
 @dataclass(frozen=True)
 class _Context:
     columns: list[str]
@@ -362,35 +340,31 @@ class _Context:
     def evaluate(
         self, by: dict[str, str | None], ref: pd.DataFrame, cur: pd.DataFrame, *, new_source: bool
     ) -> GroupResult:
+        """The group's verdict, read from the Evidently run that the HTML and the dashboard show."""
         rules = self.rules
         tested = [c for c in self.columns if cur[c].notna().any() and ref[c].notna().any()]
         enough = len(cur) >= rules.min_samples and len(ref) >= rules.min_reference and bool(tested)
-        drifted = column_drift(ref, cur, tested, rules) if enough else []
-        share = len(drifted) / len(tested) if enough else 0.0
-        critical = sorted(set(drifted) & set(rules.critical_columns))
-        sets = _set_shares(drifted, tested, rules) if enough else {}
-        alert = (new_source and rules.new_source_alert) or (
-            enough and (share >= rules.drift_share or bool(critical) or bool(sets))
-        )
+        tested = tested if enough else []
         snapshot = None
+        verdict = _Verdict.of([], tested, new_source, rules)
         if len(cur):
-            detailed = self.detail == "all" or alert
-            snapshot = self._report(
-                by, ref if enough else None, cur, tested if enough else [], new_source, detailed
-            )
+            detailed = self.detail == "all"
+            snapshot = self._report(by, ref if enough else None, cur, tested, new_source, detailed)
+            verdict = _Verdict.of(drifted_columns(snapshot, tested), tested, new_source, rules)
+            if verdict.alert and not detailed:  # an alerting group is shown with every column's report
+                snapshot = self._report(by, ref, cur, tested, new_source, True)
+                verdict = _Verdict.of(drifted_columns(snapshot, tested), tested, new_source, rules)
         return GroupResult(
             by=by,
             n_reference=0 if new_source else len(ref),
             n_current=len(cur),
             new_source=new_source,
-            drift_share=share,
-            drifted_columns=drifted,
-            alert=alert,
+            drift_share=verdict.share,
+            drifted_columns=verdict.drifted,
+            alert=verdict.alert,
             evaluated=enough,
-            reason=_reason(
-                new_source, enough, share, drifted, tested, critical, sets, len(cur), len(ref), rules
-            ),
-            tested_columns=tested if enough else [],
+            reason=_reason(new_source, enough, verdict, tested, len(cur), len(ref), rules),
+            tested_columns=tested,
             snapshot=snapshot,
         )
 
@@ -403,8 +377,10 @@ class _Context:
         new_source: bool,
         detailed: bool,
     ) -> Snapshot:
-        """The group's Evidently run: the drift preset (detailed) or its drift share alone, plus
-        instances, prediction mix and mean confidence (what the dashboard's panels plot)."""
+        """The group's one Evidently run: every tested column's drift test (``ValueDrift``, its verdict
+        is the alert's input) with the drift share, plus instances, prediction mix and mean confidence
+        (what the dashboard's panels plot). ``detailed`` runs the drift preset: the same tests with
+        their distributions and the drift table."""
         rules = self.rules
         metrics: list[Any] = []
         if ref is not None and tested:
@@ -415,7 +391,18 @@ class _Context:
                 "cat_method": rules.cat_method,
                 "threshold": rules.threshold,
             }
-            metrics.append(DataDriftPreset(**drift_args) if detailed else DriftedColumnsCount(**drift_args))
+            if detailed:
+                metrics.append(DataDriftPreset(**drift_args))
+            else:
+                metrics.append(DriftedColumnsCount(**drift_args))
+                metrics.extend(
+                    ValueDrift(
+                        column=c,
+                        method=rules.cat_method if c in CATEGORICAL_COLUMNS else rules.num_method,
+                        threshold=rules.threshold,
+                    )
+                    for c in tested
+                )
         metrics.append(RowCount())
         if "pred_label" in cur.columns:
             metrics.append(UniqueValueCount(column="pred_label"))
@@ -435,7 +422,7 @@ class _Context:
         labels = _labels(by, new_source)
         tags = [*self.tags, "drift", labels["grouping"], *(["new_source"] if new_source else [])]
         with _quiet():
-            return Report(metrics, include_tests=detailed).run(
+            return Report(metrics, include_tests=True).run(
                 current_data,
                 reference_data,
                 timestamp=self.at.astimezone(UTC).replace(tzinfo=None),
@@ -443,6 +430,44 @@ class _Context:
                 tags=tags,
                 name=labels["group"],
             )
+
+
+def drifted_columns(snapshot: Snapshot, tested: Sequence[str]) -> list[str]:
+    """The columns whose drift test failed in ``snapshot`` (its ``ValueDrift`` results), in ``tested``
+    order. A tested column without a result is an error: the verdict must come from this run."""
+    verdicts: dict[str, bool] = {}
+    for result in snapshot.metric_results.values():
+        for test in result.tests:
+            params = test.metric_config.params
+            if params.get("type") == _VALUE_DRIFT:
+                verdicts[str(params["column"])] = test.status == TestStatus.FAIL
+    missing = [c for c in tested if c not in verdicts]
+    if missing:
+        raise RuntimeError(f"the Evidently run has no drift test of {', '.join(missing)}")
+    return [c for c in tested if verdicts[c]]
+
+
+_VALUE_DRIFT = "evidently:metric_v2:ValueDrift"
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    drifted: list[str]
+    share: float
+    critical: list[str]
+    sets: dict[str, float]
+    alert: bool
+
+    @classmethod
+    def of(cls, drifted: list[str], tested: list[str], new_source: bool, rules: AlertRules) -> _Verdict:
+        """The alert rules applied to one group's drifted columns (``tested`` empty: not evaluated)."""
+        share = len(drifted) / len(tested) if tested else 0.0
+        critical = sorted(set(drifted) & set(rules.critical_columns))
+        sets = _set_shares(drifted, tested, rules)
+        alert = (new_source and rules.new_source_alert) or (
+            bool(tested) and (share >= rules.drift_share or bool(critical) or bool(sets))
+        )
+        return cls(drifted, share, critical, sets, alert)
 
 
 @contextmanager
@@ -469,11 +494,8 @@ def _set_shares(drifted: list[str], tested: list[str], rules: AlertRules) -> dic
 def _reason(
     new_source: bool,
     enough: bool,
-    share: float,
-    drifted: list[str],
+    verdict: _Verdict,
     tested: list[str],
-    critical: list[str],
-    sets: dict[str, float],
     n_cur: int,
     n_ref: int,
     rules: AlertRules,
@@ -491,14 +513,14 @@ def _reason(
         else:
             parts.append("no column to test")
     else:
-        verdict = ">=" if share >= rules.drift_share else "<"
+        compared = ">=" if verdict.share >= rules.drift_share else "<"
         parts.append(
-            f"{len(drifted)} of {len(tested)} columns drifted "
-            f"(share {share:.2f} {verdict} {rules.drift_share:.2f})"
+            f"{len(verdict.drifted)} of {len(tested)} columns drifted "
+            f"(share {verdict.share:.2f} {compared} {rules.drift_share:.2f})"
         )
-        if critical:
-            parts.append(f"critical column(s) drifted: {', '.join(critical)}")
-        for name, set_share in sets.items():
+        if verdict.critical:
+            parts.append(f"critical column(s) drifted: {', '.join(verdict.critical)}")
+        for name, set_share in verdict.sets.items():
             parts.append(f"{name} columns: share {set_share:.2f} >= {rules.set_shares[name]:.2f}")
     return "; ".join(parts)
 

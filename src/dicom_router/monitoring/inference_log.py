@@ -78,7 +78,11 @@ LOG_SCHEMA = pa.schema(
 )
 """Every part file has exactly this schema; header columns have the catalog's names and types, so a
 catalog, a reference and the log compare column by column. No patient pseudonym, no free text."""
-_PART = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/part-[^/]+\.parquet$")
+_PART = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/part-(\d{8}T\d{2})Z-[^/]+\.parquet$")
+LOST_KEY = b"dicom_router.lost"
+"""Parquet key-value metadata of a part: how many records were lost (dropped when the queues were full
+or storage away, or not built because the instance could not be read) since the previous part was
+written. A drift window sums it over its parts, so its report says how much of the traffic it misses."""
 
 
 def coarse_time(at: datetime) -> datetime:
@@ -187,8 +191,9 @@ def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def _table(records: list[Mapping[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{k: r.get(k) for k in LOG_SCHEMA.names} for r in records], schema=LOG_SCHEMA)
+def _table(records: list[Mapping[str, Any]], lost: int = 0) -> pa.Table:
+    schema = LOG_SCHEMA.with_metadata({LOST_KEY: str(lost).encode()}) if lost else LOG_SCHEMA
+    return pa.Table.from_pylist([{k: r.get(k) for k in LOG_SCHEMA.names} for r in records], schema=schema)
 
 
 def part_name(day: date, now: datetime | None = None) -> str:
@@ -198,15 +203,20 @@ def part_name(day: date, now: datetime | None = None) -> str:
     return f"date={day.isoformat()}/part-{stamp}-{uuid.uuid4().hex[:12]}.parquet"
 
 
-def write_parts(records: Sequence[Mapping[str, Any]], uri_prefix: str, settings: Settings) -> list[str]:
-    """Write records as one Parquet part per UTC day they fall on; returns the parts' URIs."""
+def write_parts(
+    records: Sequence[Mapping[str, Any]], uri_prefix: str, settings: Settings, *, lost: int = 0
+) -> list[str]:
+    """Write records as one Parquet part per UTC day they fall on; returns the parts' URIs. ``lost``
+    (``LOST_KEY``) goes with the first part; with no records, with an empty part of today."""
     by_day: defaultdict[date, list[Mapping[str, Any]]] = defaultdict(list)
     for record in records:
         by_day[_utc(record["at"]).date()].append(record)
-    written = []
+    if lost and not by_day:
+        by_day[datetime.now(UTC).date()] = []
+    written: list[str] = []
     for day, rows in sorted(by_day.items()):
         buffer = io.BytesIO()
-        pq.write_table(_table(rows), buffer, compression="zstd")
+        pq.write_table(_table(rows, lost if not written else 0), buffer, compression="zstd")
         uri = f"{uri_prefix.rstrip('/')}/{part_name(day)}"
         write_uri(uri, buffer.getvalue(), settings)
         written.append(uri)
@@ -218,11 +228,27 @@ def _utc(value: Any) -> datetime:
     return (stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)).to_pydatetime()
 
 
+@dataclass(frozen=True)
+class LogWindow:
+    """The records of a time window and how many records of that window were lost (``LOST_KEY``)."""
+
+    frame: pd.DataFrame
+    lost: int = 0
+
+
 def read_inference_log(
     uri_prefix: str, settings: Settings, since: datetime | None = None, until: datetime | None = None
 ) -> pd.DataFrame:
-    """Every record under ``uri_prefix`` with ``since <= at < until``; only matching day partitions are
-    read. Always has the log's columns (an empty log gives an empty frame).
+    """Every record under ``uri_prefix`` with ``since <= at < until`` (``read_window``'s frame)."""
+    return read_window(uri_prefix, settings, since, until).frame
+
+
+def read_window(
+    uri_prefix: str, settings: Settings, since: datetime | None = None, until: datetime | None = None
+) -> LogWindow:
+    """Every record under ``uri_prefix`` with ``since <= at < until``, and the records lost by the parts
+    written in that window; only matching day partitions are read. The frame always has the log's
+    columns (an empty log gives an empty frame).
 
     Records carry the hour they were routed in (``coarse_time``), so ``since`` counts from the start of
     its hour: a window that begins mid-hour still holds the instances routed in that hour."""
@@ -231,30 +257,41 @@ def read_inference_log(
     store = open_store(uri_prefix, settings)
     first = _utc(since).date() if since else None
     last = _utc(until).date() if until else None
-    keys = []
-    for info in store.list():
+    keys, hours = [], []
+    for info in sorted(store.list(), key=lambda i: i.key):
         match = _PART.search(info.key)
         if match is None:
             continue
         day = date.fromisoformat(match.group(1))
         if (first is None or day >= first) and (last is None or day <= last):
             keys.append(info.key)
+            hours.append(datetime.strptime(match.group(2), "%Y%m%dT%H").replace(tzinfo=UTC))
     if not keys:
-        return records_frame([])
+        return LogWindow(records_frame([]))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = list(pool.map(lambda k: pq.read_table(io.BytesIO(store.read(k))), sorted(keys)))
+        tables = list(pool.map(lambda k: pq.read_table(io.BytesIO(store.read(k))), keys))
+    lost = sum(
+        int((table.schema.metadata or {}).get(LOST_KEY, b"0"))
+        for table, hour in zip(tables, hours, strict=True)
+        if (since is None or hour >= _utc(since)) and (until is None or hour < _utc(until))
+    )
     frame: pd.DataFrame = pa.concat_tables([t.cast(LOG_SCHEMA) for t in tables]).to_pandas()
     if since is not None:
         frame = frame[frame["at"] >= pd.Timestamp(_utc(since))]
     if until is not None:
         frame = frame[frame["at"] < pd.Timestamp(_utc(until))]
-    return frame.sort_values("at", kind="stable").reset_index(drop=True)
+    return LogWindow(frame.sort_values("at", kind="stable").reset_index(drop=True), lost)
 
 
 @dataclass
 class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
     written: bool = False
+
+
+@dataclass(frozen=True)
+class _Lost:
+    count: int
 
 
 _STOP = object()
@@ -266,7 +303,8 @@ class InferenceLog:
     A batch is written when ``flush_every`` records are waiting or the oldest has waited
     ``flush_after_s``, and on ``flush()`` / ``close()``. A failed write is logged and retried at the next
     deadline; at most ``max_pending`` records wait in memory (beyond that the oldest are dropped and
-    counted in ``dropped``), so a storage outage can neither block routing nor exhaust memory.
+    counted in ``dropped``), so a storage outage can neither block routing nor exhaust memory. Dropped
+    records, and those a caller reports with ``lost``, are written with the next part (``LOST_KEY``).
     """
 
     def __init__(
@@ -287,6 +325,8 @@ class InferenceLog:
         self.max_pending = max_pending
         self.written = 0
         self.dropped = 0
+        self._lost = 0
+        """Records lost since the last part written (the writer thread's own)."""
         self.parts: list[str] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
@@ -298,6 +338,10 @@ class InferenceLog:
         if self._closed:
             raise RuntimeError("the inference log is closed")
         self._queue.put(dict(record))
+
+    def lost(self, count: int = 1) -> None:
+        """Count records that will never be appended (the drift report of their window says so)."""
+        self._queue.put(_Lost(count))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write everything appended so far; True when it was written (False: timed out or failed)."""
@@ -325,19 +369,23 @@ class InferenceLog:
         pending: list[dict[str, Any]] = []
         deadline = math.inf
         while True:
-            wait = None if not pending else max(0.0, deadline - time.monotonic())
+            wait = None if not (pending or self._lost) else max(0.0, deadline - time.monotonic())
             try:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
-            if isinstance(item, dict):
-                pending.append(item)
-                if len(pending) == 1:
+            if isinstance(item, dict | _Lost):
+                if not (pending or self._lost):
                     deadline = time.monotonic() + self.flush_after_s
+                if isinstance(item, _Lost):
+                    self._lost += item.count
+                    continue
+                pending.append(item)
                 if len(pending) > self.max_pending:
                     drop = len(pending) - self.max_pending
                     del pending[:drop]
                     self.dropped += drop
+                    self._lost += drop
                     log.warning("inference log: %d records dropped (storage unavailable?)", drop)
                 if len(pending) < self.flush_every:
                     continue
@@ -352,15 +400,17 @@ class InferenceLog:
                 return
 
     def _write(self, pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Write ``pending``; what could not be written comes back to wait for the next attempt."""
-        if not pending:
+        """Write ``pending`` (and the lost count); what could not be written comes back to wait for the
+        next attempt."""
+        if not (pending or self._lost):
             return pending
         try:
-            self.parts.extend(write_parts(pending, self.uri_prefix, self.settings))
+            self.parts.extend(write_parts(pending, self.uri_prefix, self.settings, lost=self._lost))
         except Exception:
             log.exception("inference log: writing %d records to %s failed", len(pending), self.uri_prefix)
             return pending
         self.written += len(pending)
+        self._lost = 0
         return []
 
 
@@ -407,6 +457,7 @@ class InstanceLogger:
             self._queue.put_nowait((instance_id, data, answer, datetime.now(UTC)))
         except queue.Full:
             self.dropped += 1
+            self.log.lost()
 
     def close(self, timeout: float | None = None) -> None:
         """Log what is queued, then flush and close the inference log."""
@@ -433,4 +484,5 @@ class InstanceLogger:
                 self.log.append(record)
             except Exception:  # one odd instance must not stop logging the others
                 self.failed += 1
+                self.log.lost()
                 log.exception("inference log: no record for %s", instance_id)

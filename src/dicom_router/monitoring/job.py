@@ -20,7 +20,7 @@ from dicom_router.errors import ModelNotFound
 from dicom_router.monitoring.alerts import post_webhook
 from dicom_router.monitoring.dashboard import log_report_to_mlflow, write_snapshots
 from dicom_router.monitoring.drift import AlertRules, DriftInputError, DriftResult, run_drift
-from dicom_router.monitoring.reference import load_frame, load_reference, reference_for_model
+from dicom_router.monitoring.reference import load_frame, load_reference, load_window, reference_for_model
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def drift_job(settings: Settings, job: DriftJob, *, now: datetime | None = None)
     at = now or datetime.now(UTC)
     reference = _reference(settings, job)
     since = at - job.window if job.window else None
-    current = load_frame(job.current, settings, since=since)
+    window = load_window(job.current, settings, since=since)
+    current = window.frame
     version = _version_of(settings, job.reference)
     other = 0
     if version is not None and "model_version" in current.columns:
@@ -77,7 +78,9 @@ def drift_job(settings: Settings, job: DriftJob, *, now: datetime | None = None)
         if other:
             log.info("drift of %s: %d records of other model versions left out", version, other)
     result = run_drift(reference, current, job.by, job.rules, at=at, tags=(job.deployment,))
-    result.model_version, result.other_versions = version, other
+    result.model_version, result.other_versions, result.lost_records = version, other, window.lost
+    if window.lost:
+        log.warning("drift: %d inference-log records of the window were lost", window.lost)
     html = result.render_html()
     report_uri = job.report_uri or str(settings.data_dir / "drift" / f"{at.strftime('%Y%m%dT%H%M%SZ')}.html")
     result.save_html(report_uri, settings, html=html)

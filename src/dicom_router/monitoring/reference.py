@@ -29,7 +29,7 @@ from dicom_router.dicom.deid import load_key
 from dicom_router.errors import ModelNotFound, StorageError
 from dicom_router.inference import Bundle
 from dicom_router.monitoring.drift import DriftInputError
-from dicom_router.monitoring.inference_log import read_inference_log, records_frame, score_items
+from dicom_router.monitoring.inference_log import LogWindow, read_window, records_frame, score_items
 from dicom_router.registry import connect, load_bundle, model_version
 from dicom_router.storage import is_s3, open_store, read_uri
 
@@ -130,6 +130,11 @@ def load_reference(settings: Settings, model_uri: str) -> pd.DataFrame:
 def load_frame(uri: str, settings: Settings, since: datetime | None = None) -> pd.DataFrame:
     """REF or CUR of ``drift``: ``models:/…`` (a stored reference), a ``.parquet`` file (catalog,
     reference or one log part), or an inference-log prefix; rows before ``since`` left out when timed."""
+    return load_window(uri, settings, since).frame
+
+
+def load_window(uri: str, settings: Settings, since: datetime | None = None) -> LogWindow:
+    """``load_frame`` with the records an inference-log prefix lost in the window (0 for files)."""
     if not is_s3(uri) and not uri.startswith("models:/") and not Path(uri).exists():
         raise DriftInputError(f"{uri}: no such file or folder")
     if uri.startswith("models:/"):
@@ -140,9 +145,9 @@ def load_frame(uri: str, settings: Settings, since: datetime | None = None) -> p
         except (StorageError, pa.ArrowInvalid) as exc:
             raise DriftInputError(f"{uri}: not a readable Parquet file ({exc})") from None
     else:
-        return read_inference_log(uri, settings, since=since)
+        return read_window(uri, settings, since=since)
     if since is not None and "at" in frame.columns:
         start = pd.Timestamp(since)
         start = start.tz_localize("UTC") if start.tzinfo is None else start
         frame = frame[pd.to_datetime(frame["at"], utc=True) >= start]
-    return frame
+    return LogWindow(frame)
