@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from dicom_router import stack
 from dicom_router.config import Settings
+from dicom_router.orthanc.send import dcmsend
 from tests.dicom_factory import dicom_dataset, to_bytes
 
 # Tests reach loopback only: timm's hub must fail at once instead of trying the network.
@@ -131,3 +134,63 @@ def killing_decoder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, path)))
     poison = dicom_dataset(np.full((64, 64), 900, np.uint16), ImageComments=DECODER_KILLER.decode())
     return to_bytes(poison)
+
+
+# --- a routed stack: Orthanc with the hook, the model server, a destination Orthanc -------------------
+
+DESTINATION_AET = "DESTINATION"
+
+
+def rules_for(port: int) -> dict[str, object]:
+    """CR goes one way, DX another, non-radiographs to the archive; review is a destination too."""
+    where = {"host": "127.0.0.1", "port": port}
+    return {
+        "destinations": {
+            "cr-pacs": {"aet": "CRPACS", **where},
+            "dx-pacs": {"aet": "DXPACS", **where},
+            "archive": {"aet": "ARCHIVE", **where},
+            "review-station": {"aet": "REVIEW", **where},
+        },
+        "review": {"destination": "review-station", "below_confidence": 0.0},
+        "rules": [
+            {"name": "non-radiograph", "when": {"body_part": "unrouted"}, "route": "archive"},
+            {"name": "cr", "when": {"modality": "CR"}, "route": "cr-pacs"},
+        ],
+        "default": "dx-pacs",
+    }
+
+
+def send(folder: Path, port: int, *, calling_aet: str = "MODALITY") -> None:
+    dcmsend(folder, port=port, called_aet="DICOMROUTER", calling_aet=calling_aet)
+
+
+@pytest.fixture
+def routed_stack(
+    settings: Settings, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    destination = stack.destination_up(settings, name="destination", aet=DESTINATION_AET)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rules_for(destination["dicom_port"])))
+    for key, value in {
+        "MODEL_URI": str(tiny_bundle),
+        "ROUTE_RULES": str(rules),
+        "ROUTE_RETRY_BASE_S": "0.2",
+        "ROUTE_RETRY_CAP_S": "1.0",
+        "ROUTE_POLL_S": "0.05",
+    }.items():
+        monkeypatch.setenv(f"DICOM_ROUTER_{key}", value)
+    configured = Settings()
+    stack.model_server_up(configured)
+    stack.orthanc_up(configured)
+    try:
+        yield configured
+    finally:
+        stack.down(configured)
+        stack.Process("destination", configured).stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

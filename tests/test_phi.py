@@ -1,18 +1,26 @@
 """No PHI leaves ingest: a folder full of it goes through ingest, training, the bundle, MLflow, predict and
-evaluate, and no identifying string is found in any output (logs, streams, catalog columns other than the
-object key, bundle, MLflow store and artifacts, reports)."""
+evaluate, then through Orthanc, the router, the model server, the inference log and drift, and no
+identifying string is found in any output (logs, streams, catalog columns other than the object key,
+bundle, MLflow store and artifacts, Orthanc metadata, router API, queue, inference log, reports)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import httpx
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
+from dicom_router import stack
 from dicom_router.config import Settings
+from dicom_router.monitoring.inference_log import read_inference_log
+from dicom_router.routing.queue import RoutingQueue
 from dicom_router.synth import synthesize
-from tests.conftest import run_cli
+from tests.conftest import run_cli, send, wait_until
 
 PHI = {
     "PatientName": "Doe^Jane Quincy",
@@ -94,4 +102,50 @@ def test_a_phi_laden_folder_leaves_no_phi_in_any_output(settings: Settings, tmp_
     for path in sorted(settings.data_dir.rglob("*")):  # MLflow store and artifacts, bundles, logs, cache
         if path.is_file() and "secrets" not in path.parts:
             leaks += _leaks(path.read_bytes(), str(path.relative_to(settings.data_dir)))
+    assert leaks == []
+
+
+@pytest.mark.usefixtures("routed_stack")
+def test_phi_routed_through_orthanc_the_server_and_the_inference_log_reaches_no_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export = tmp_path / "export"
+    _phi_folder(export)
+    broken = pydicom.dcmread(next(export.rglob("*.dcm")))  # PHI in a file the decoder must reject
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    broken.PixelData = b"\0" * 100
+    broken.save_as(export / f"{KEY_PHI}_broken.dcm", enforce_file_format=True)
+    log_prefix = str(tmp_path / "inference-log")
+    monkeypatch.setenv("DICOM_ROUTER_INFERENCE_LOG_URI", log_prefix)
+    monkeypatch.setenv("DICOM_ROUTER_INFERENCE_LOG_FLUSH_S", "1")
+    settings = Settings()
+    stack.router_up(settings)
+    send(export, stack.orthanc_status(settings)["dicom_port"])
+    queue = RoutingQueue(settings.routing_queue)
+    wait_until(lambda: queue.counts() == {"done": 25}, 300, "the 25 instances routed")
+
+    leaks: list[str] = []
+    orthanc = stack.orthanc_client(settings)
+    for instance in orthanc.instances():  # what the router wrote back to the archive
+        leaks += _leaks(json.dumps(orthanc.metadata("instances", instance)).encode(), "Orthanc metadata")
+    router_url = stack.router_status(settings)["url"]
+    for endpoint in ("/health", "/metrics"):
+        leaks += _leaks(httpx.get(router_url + endpoint).content, f"router {endpoint}")
+    for args in (["route", "--dead-letter", "--json"], ["route", "--history", "--json"]):
+        result = run_cli(*args)
+        leaks += _leaks((result.stdout + result.stderr).encode(), " ".join(args[:2]))
+    stack.Process("router", settings).stop()  # flushes the inference log
+    assert len(read_inference_log(log_prefix, settings)) == 24  # the broken one has no prediction
+    drift = run_cli("drift", "--reference", log_prefix, "--current", log_prefix, "--json")
+    assert drift.returncode in (0, 3), drift.stderr[-2000:]
+    leaks += _leaks((drift.stdout + drift.stderr).encode(), "drift streams")
+    archives = {settings.data_dir / name / "storage" for name in ("orthanc", "destination")}
+    stored = [p for a in archives for p in a.rglob("*") if p.is_file()]
+    assert all(
+        any(_leaks(p.read_bytes(), "") for p in stored if a in p.parents) for a in archives
+    )  # PHI got in
+    for root in (settings.data_dir, tmp_path / "inference-log"):  # logs, queue, reports, snapshots, log
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "secrets" not in path.parts and not archives & set(path.parents):
+                leaks += _leaks(path.read_bytes(), str(path.relative_to(tmp_path)))
     assert leaks == []

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,39 +26,14 @@ from pydicom.uid import CTImageStorage, generate_uid
 from dicom_router import stack
 from dicom_router.config import Settings
 from dicom_router.orthanc.config import USER_METADATA
-from dicom_router.orthanc.send import SendError, dcmsend
+from dicom_router.orthanc.send import SendError
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules, Subject, decide
 from dicom_router.routing.worker import Router
 from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
-from tests.conftest import run_cli
+from tests.conftest import rules_for, run_cli, send, wait_until
 from tests.dicom_factory import dicom_dataset
-
-DESTINATION_AET = "DESTINATION"
-
-
-def rules_for(port: int) -> dict[str, object]:
-    """CR goes one way, DX another, non-radiographs to the archive; review is a destination too."""
-    where = {"host": "127.0.0.1", "port": port}
-    return {
-        "destinations": {
-            "cr-pacs": {"aet": "CRPACS", **where},
-            "dx-pacs": {"aet": "DXPACS", **where},
-            "archive": {"aet": "ARCHIVE", **where},
-            "review-station": {"aet": "REVIEW", **where},
-        },
-        "review": {"destination": "review-station", "below_confidence": 0.0},
-        "rules": [
-            {"name": "non-radiograph", "when": {"body_part": "unrouted"}, "route": "archive"},
-            {"name": "cr", "when": {"modality": "CR"}, "route": "cr-pacs"},
-        ],
-        "default": "dx-pacs",
-    }
-
-
-def send(folder: Path, port: int, *, calling_aet: str = "MODALITY") -> None:
-    dcmsend(folder, port=port, called_aet="DICOMROUTER", calling_aet=calling_aet)
 
 
 def write(folder: Path, name: str, ds: object) -> None:
@@ -76,38 +50,6 @@ def odd_instances(folder: Path) -> None:
     poison = dicom_dataset(np.zeros((64, 64), np.uint16), raw_pixel_bytes=b"\0" * 100)
     poison.SOPInstanceUID = poison.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     write(folder, "poison.dcm", poison)
-
-
-@pytest.fixture
-def routed_stack(
-    settings: Settings, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    destination = stack.destination_up(settings, name="destination", aet=DESTINATION_AET)
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(yaml.safe_dump(rules_for(destination["dicom_port"])))
-    for key, value in {
-        "MODEL_URI": str(tiny_bundle),
-        "ROUTE_RULES": str(rules),
-        "ROUTE_RETRY_BASE_S": "0.2",
-        "ROUTE_RETRY_CAP_S": "1.0",
-        "ROUTE_POLL_S": "0.05",
-    }.items():
-        monkeypatch.setenv(f"DICOM_ROUTER_{key}", value)
-    configured = Settings()
-    stack.model_server_up(configured)
-    stack.orthanc_up(configured)
-    try:
-        yield configured
-    finally:
-        stack.down(configured)
-        stack.Process("destination", configured).stop()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_every_instance_is_routed_exactly_once_through_outages(
