@@ -24,8 +24,8 @@ from typing import Any
 
 from dicom_router import pipeline, stack, synth
 from dicom_router.config import Settings
-from dicom_router.demo import DEMO_IMAGES, DEMO_LONG_SIDE, DEMO_SITES, DEMO_TRAINING, upload_folder
-from dicom_router.storage import S3Store, open_store, s3_connection
+from dicom_router.demo import DEMO_IMAGES, DEMO_LONG_SIDE, DEMO_SITES, DEMO_TRAINING
+from dicom_router.storage import S3Store, open_store, s3_connection, upload_folder
 
 
 def direct(settings: Settings, params: dict[str, Any], work: Path) -> list[tuple[str, float]]:

@@ -17,8 +17,7 @@ from pydicom.uid import generate_uid
 from dicom_router import stack
 from dicom_router.catalog import CATALOG_SCHEMA, ingest
 from dicom_router.config import Settings
-from dicom_router.demo import upload_folder
-from dicom_router.storage import S3Store, open_store
+from dicom_router.storage import S3Store, open_store, upload_folder
 from dicom_router.synth import synthesize
 from tests.conftest import run_cli
 

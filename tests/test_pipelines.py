@@ -16,7 +16,6 @@ import yaml
 from dicom_router import LABELS
 from dicom_router.catalog import ingest, read_catalog, shard_of
 from dicom_router.config import Settings
-from dicom_router.demo import upload_folder
 from dicom_router.pipeline import (
     COMPILED_DIR,
     PIPELINES,
@@ -31,7 +30,7 @@ from dicom_router.pipeline import (
     run_local,
 )
 from dicom_router.registry import connect, history, load_bundle
-from dicom_router.storage import S3Store, open_store, s3_connection
+from dicom_router.storage import S3Store, open_store, s3_connection, upload_folder
 from dicom_router.synth import synthesize
 
 DEFAULT_REGISTRY = Settings.model_fields["k8s_image_registry"].default

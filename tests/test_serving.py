@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -292,3 +296,69 @@ def test_image_statistics_survive_json_where_nan_is_null() -> None:
     parsed = parse_statistics(output)
     assert parsed is not None and parsed["mean"] == 0.5 and math.isnan(parsed["spacing"])
     assert parse_statistics(np.array([b"not json"], dtype=object)) is None  # then the log decodes itself
+
+
+def test_sigterm_lets_a_request_in_flight_finish_and_the_server_exits_as_a_containers_pid_1(
+    settings: Settings, tiny_bundle: Path, dicoms: list[bytes], tmp_path: Path
+) -> None:
+    port = stack.free_port()
+    exe = Path(sys.executable).parent / "dicom-router"
+    serve = [str(exe), "serve", "--model", str(tiny_bundle), "--port", str(port)]
+    as_pid_1 = ["unshare", "--pid", "--fork", "--kill-child"]  # PID 1 ignores signals it has no handler for
+    env = {**os.environ, "DICOM_ROUTER_DATA_DIR": str(settings.data_dir)}
+    with (tmp_path / "serve.log").open("wb") as out:
+        proc = subprocess.Popen([*as_pid_1, *serve], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url)
+        (server_pid,) = map(int, Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        status = Path(f"/proc/{server_pid}/status").read_text().splitlines()
+        assert next(line for line in status if line.startswith("NSpid:")).split()[-1] == "1"
+        body = json.dumps(
+            {"inputs": [{"name": "dicom", "shape": [1], "datatype": "BYTES", "data": [_b64(dicoms[0])]}]}
+        ).encode()
+        rest_of_body = threading.Event()
+
+        def chunks() -> Iterator[bytes]:
+            yield body[:64]
+            rest_of_body.wait(60)
+            yield body[64:]
+
+        answers: list[httpx.Response] = []
+        request = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    f"{url}/v2/models/bodypart-router/infer",
+                    content=chunks(),
+                    headers={"content-type": "application/json", "content-length": str(len(body))},
+                    timeout=60,
+                )
+            )
+        )
+        request.start()
+        time.sleep(1.0)  # the request is in flight: its head and part of its body were sent
+        os.kill(server_pid, signal.SIGTERM)
+        _wait_refused(url)  # it takes no new connection
+        rest_of_body.set()
+        request.join(60)
+        assert len(answers) == 1 and answers[0].status_code == 200
+        assert answers[0].json()["outputs"][0]["data"][0] in LABELS
+        assert proc.wait(timeout=settings.serve_shutdown_grace_s) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _wait_refused(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/v2/health/live", timeout=2)
+        except httpx.ConnectError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} still accepts connections after SIGTERM")

@@ -561,13 +561,18 @@ def predict(paths: tuple[Path, ...], model_uri: str | None, as_json: bool) -> in
 @app.command()
 @click.option("--model", "model_uri", help="MODEL_URI (default: models:/bodypart-router@champion, followed)")
 @click.option("--port", type=click.IntRange(1, 65535), help="HTTP port (default: the configured one)")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 in a pod)")
-def serve(model_uri: str | None, port: int | None, host: str) -> int:
+@click.option("--host", help="Interface to bind (default: the configured one, loopback; a pod's own address)")
+def serve(model_uri: str | None, port: int | None, host: str | None) -> int:
     """The KServe model server: V1/V2 inference on DICOM bytes or tensors, /metrics, alias reload."""
     from dicom_router.serving.server import serve as run_server
 
     settings = Settings()
-    run_server(settings, model_uri=model_uri, host=host, port=port or settings.serve_port or 8080)
+    run_server(
+        settings,
+        model_uri=model_uri,
+        host=host or settings.serve_host,
+        port=port or settings.serve_port or 8080,
+    )
     return EXIT_OK
 
 
@@ -643,13 +648,15 @@ def route(
         raise click.UsageError(str(exc)) from None
     if dry_run:
         return _route_dry_run(settings, rules, files, model_uri, as_json)
+    from dicom_router import stack
     from dicom_router.routing import service
 
+    endpoints = service.Endpoints(stack.orthanc_client(settings), stack.model_server_url(settings))
     if once:
-        counts = service.drain(settings, rules)
+        counts = service.drain(settings, rules, endpoints)
         stdout.print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), highlight=False)
         return EXIT_OK
-    service.run_forever(settings, rules)
+    service.run_forever(settings, rules, endpoints)
     return EXIT_OK
 
 

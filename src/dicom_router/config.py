@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     """The model the server and router use; default ``models:/<registered_model>@champion``."""
     serve_port: int = 0
     """Port of the embedded model server; 0 picks a free one at first start and keeps it."""
+    serve_host: str = "127.0.0.1"
+    """Interface the model server binds: loopback in the embedded stack; a pod sets its own address
+    (``status.podIP``), where the kubelet's probes and the Service send traffic."""
+    serve_shutdown_grace_s: int = Field(20, ge=1)
+    """After SIGTERM, how long requests in flight may take before the server exits anyway: under the
+    pod's ``terminationGracePeriodSeconds`` (30), so it ends before the kubelet kills it."""
     serve_url: str | None = None
     """Model server the router calls; empty means the embedded stack's server."""
     low_confidence: float = 0.5

@@ -11,7 +11,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from dicom_router.pipeline import read_ingest_result, run_local
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.serving.client import ModelClient
-from dicom_router.storage import S3Store, Store, open_store
+from dicom_router.storage import S3Store, open_store, upload_folder
 from dicom_router.train import recipe_config
 
 log = logging.getLogger(__name__)
@@ -49,14 +48,6 @@ DEMO_WEEK = 120
 DEMO_NEW_SITE = 30
 NEW_SITE = "site-new"
 """Week two: more traffic from the known sites, and a hospital with equipment the model never saw."""
-
-
-def upload_folder(folder: Path, store: Store, threads: int = 8) -> int:
-    """Copy every file under ``folder`` to ``store`` under the same relative keys."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda p: store.write(p.relative_to(folder).as_posix(), p.read_bytes()), files))
-    return len(files)
 
 
 def demo_rules(settings: Settings, destination_port: int) -> Path:

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F  # noqa: N812
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from dicom_router import LABELS
@@ -84,21 +83,19 @@ def equalize(pixels: npt.NDArray[np.float32], bins: int = 1024) -> npt.NDArray[n
 
 
 def letterbox(pixels: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
-    """Scale the longer side to ``size`` (antialiased bilinear), pad the rest with black (0)."""
+    """Scale the longer side to ``size`` (antialiased bilinear), pad the rest with black (0).
+
+    Pillow's float (``F``) resampling: the triangle filter widened by the scale factor, weights and sums
+    in double precision. It is what torch's ``interpolate(bilinear, antialias=True)`` ports (equal to
+    ~1e-6, torch's float32 rounding), and it keeps torch out of the serving and routing images."""
     h, w = pixels.shape
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    with torch.no_grad():
-        resized = F.interpolate(
-            torch.from_numpy(np.ascontiguousarray(pixels))[None, None],
-            size=(nh, nw),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )[0, 0]
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
+    resized = np.asarray(image.resize((nw, nh), Image.Resampling.BILINEAR), dtype=np.float32)
     out = np.zeros((size, size), dtype=np.float32)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = resized.clamp_(0.0, 1.0).numpy()
+    out[top : top + nh, left : left + nw] = np.clip(resized, 0.0, 1.0)
     return out
 
 

@@ -42,7 +42,7 @@ from dicom_router.catalog import (
 from dicom_router.config import REPO_ROOT, Settings
 from dicom_router.dicom.errors import ERROR_TYPES, DicomInputError
 from dicom_router.dicom.header import read_header
-from dicom_router.storage import S3Store, Store, open_store, read_uri, write_uri
+from dicom_router.storage import S3Store, Store, open_store, read_uri, upload_folder, write_uri
 
 if TYPE_CHECKING:  # the training code (torch) loads only in the steps that train
     from dicom_router.train import TrainConfig
@@ -465,7 +465,6 @@ def deploy(version: str, out_dir: str, settings: Settings, *, cluster: str = "")
     initializer downloads), the manifest written to ``out_dir``, and applied when ``cluster`` names one
     (``in-cluster`` or a kubeconfig path); otherwise a dry run. The local model server needs nothing:
     it follows the ``champion`` alias."""
-    from dicom_router.demo import upload_folder
     from dicom_router.registry import load_bundle
     from dicom_router.serving.inferenceservice import (
         InferenceServiceSpec,

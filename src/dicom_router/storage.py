@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -303,3 +304,11 @@ def write_uri(uri: str, data: bytes, settings: Settings) -> None:
 
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def upload_folder(folder: Path, store: Store, threads: int = 8) -> int:
+    """Copy every file under ``folder`` to ``store`` under the same relative keys."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda p: store.write(p.relative_to(folder).as_posix(), p.read_bytes()), files))
+    return len(files)

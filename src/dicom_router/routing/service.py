@@ -1,4 +1,8 @@
-"""Wiring the router from settings: the queue, Orthanc, the model server; run until SIGTERM."""
+"""Wiring the router: the queue, Orthanc, the model server; run until SIGTERM.
+
+Where Orthanc and the model server are is the caller's to say (``Endpoints``): the CLI finds them in
+the embedded stack's state or the settings, a pod in its environment. Routing never depends on the
+local process manager."""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from dicom_router import stack
 from dicom_router.config import Settings
 from dicom_router.monitoring.inference_log import InferenceLog, InstanceLogger
+from dicom_router.orthanc.rest import OrthancClient
 from dicom_router.routing.health import HealthServer
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules
@@ -17,12 +22,20 @@ from dicom_router.routing.worker import Router
 from dicom_router.serving.client import ModelClient
 
 
-def router(settings: Settings, rules: RoutingRules, logger: InstanceLogger) -> Router:
+@dataclass(frozen=True)
+class Endpoints:
+    """The Orthanc (with the routing hook) whose queue is routed, and the model server's URL."""
+
+    orthanc: OrthancClient
+    model_url: str
+
+
+def router(settings: Settings, rules: RoutingRules, logger: InstanceLogger, endpoints: Endpoints) -> Router:
     return Router(
         settings=settings,
         rules=rules,
-        orthanc=stack.orthanc_client(settings),
-        model=ModelClient(stack.model_server_url(settings)),
+        orthanc=endpoints.orthanc,
+        model=ModelClient(endpoints.model_url),
         queue=RoutingQueue(settings.routing_queue),
         on_classified=logger,
     )
@@ -40,18 +53,20 @@ def inference_logger(settings: Settings) -> Iterator[InstanceLogger]:
         logger.close()
 
 
-def drain(settings: Settings, rules: RoutingRules, timeout_s: float = 600.0) -> dict[str, int]:
+def drain(
+    settings: Settings, rules: RoutingRules, endpoints: Endpoints, timeout_s: float = 600.0
+) -> dict[str, int]:
     with inference_logger(settings) as logger:
-        return router(settings, rules, logger).drain(timeout_s)
+        return router(settings, rules, logger, endpoints).drain(timeout_s)
 
 
-def run_forever(settings: Settings, rules: RoutingRules) -> None:
+def run_forever(settings: Settings, rules: RoutingRules, endpoints: Endpoints) -> None:
     """Route until SIGTERM, serving ``/health`` and ``/metrics`` meanwhile."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with inference_logger(settings) as logger:
-        worker = router(settings, rules, logger)
+        worker = router(settings, rules, logger, endpoints)
 
         def lost() -> dict[str, float]:
             """Inference-log records dropped (queue full, storage away) or that failed to decode."""

@@ -3,7 +3,8 @@
 DICOM goes as a BYTES tensor holding base64 text in the JSON body: KServe 0.21's server decodes
 binary-extension BYTES inputs as UTF-8 and fails on arbitrary bytes, so binary data is not an option.
 
-The routing worker and the benchmarks use it. A typed 4xx from the server comes back as the same
+The routing worker and the benchmarks use it; it speaks the protocol's JSON directly (``protocol`` holds
+the names), so the router needs neither kserve nor torch. A typed 4xx from the server comes back as the same
 ``DicomInputError`` subclass; an outage (refused connection, no model loaded, 503) is
 ``ModelUnavailable``; a failure on this request (other 5xx, timeout) is ``ModelFailed``.
 """
@@ -19,12 +20,9 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, RequestedOutput
 
 from dicom_router.dicom.errors import ERRORS_BY_TYPE, DicomInputError, NotDicom
-from dicom_router.serving.predictor import MODEL_NAME
-
-OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
+from dicom_router.serving.protocol import EXTRA_OUTPUTS, INPUT, MODEL_NAME, OUTPUTS
 
 
 class ModelUnavailable(RuntimeError):
@@ -62,14 +60,18 @@ class ModelClient:
             return False
 
     def classify(self, data: bytes, *, path: str = "dicom", embedding: bool = False) -> Classification:
-        dicom = InferInput("dicom", [1], "BYTES", [base64.b64encode(data).decode("ascii")])
-        wanted = [*OUTPUTS, "embedding", "image_statistics"] if embedding else list(OUTPUTS)
-        request = InferRequest(
-            MODEL_NAME,
-            infer_inputs=[dicom],
-            request_outputs=[RequestedOutput(name, {"binary_data": False}) for name in wanted],
-        )
-        body, _ = request.to_rest()
+        wanted = [*OUTPUTS, *EXTRA_OUTPUTS] if embedding else list(OUTPUTS)
+        body = {
+            "inputs": [
+                {
+                    "name": INPUT,
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(data).decode("ascii")],
+                }
+            ],
+            "outputs": [{"name": name, "parameters": {"binary_data": False}} for name in wanted],
+        }
         try:
             response = self.http.post(f"{self.url}/v2/models/{MODEL_NAME}/infer", json=body)
         except httpx.TimeoutException as exc:
@@ -83,9 +85,9 @@ class ModelClient:
             raise ModelUnavailable(f"{self.url}: HTTP {status}: {response.text[:200]}")
         if status != 200:
             raise ModelFailed(f"{self.url}: HTTP {status}: {response.text[:200]}")
-        result = InferResponse.from_rest(response.json())
-        out = {o.name: o.as_numpy() for o in result.outputs}
-        labels = str((result.parameters or {}).get("labels", "")).split(",")
+        result = response.json()
+        out = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in result["outputs"]}
+        labels = str((result.get("parameters") or {}).get("labels", "")).split(",")
         probabilities = out["probabilities"].reshape(-1)
         label = out["label"].reshape(-1)[0]
         return Classification(
@@ -93,7 +95,7 @@ class ModelClient:
             confidence=float(out["confidence"].reshape(-1)[0]),
             probabilities={name: float(p) for name, p in zip(labels, probabilities, strict=True)},
             low_confidence=bool(out["low_confidence"].reshape(-1)[0]),
-            model_version=str(result.model_version),
+            model_version=str(result.get("model_version")),
             embedding=out["embedding"].reshape(-1).astype(np.float32) if embedding else None,
             statistics=parse_statistics(out.get("image_statistics")),
         )

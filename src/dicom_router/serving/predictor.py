@@ -33,10 +33,10 @@ from prometheus_client import Counter, Histogram
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError, InvalidPixelData, NotDicom
 from dicom_router.inference import Bundle, Prepared, PreprocessConfig, metadata_vector, prepare
+from dicom_router.serving.protocol import INPUT, MODEL_NAME
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "bodypart-router"
 
 PREDICTIONS = Counter("dicom_router_predictions_total", "Classified images", ["label"])
 REJECTED = Counter("dicom_router_rejected_total", "Inputs refused with a typed error", ["type"])
@@ -115,8 +115,8 @@ def _b64(value: Any, where: str) -> bytes:
 def v2_inputs(request: InferRequest) -> tuple[list[bytes], npt.NDArray[np.float32] | None]:
     """V2 inputs: ``dicom`` BYTES (binary extension, or base64 strings in JSON) or ``image`` FP32."""
     names = {i.name: i for i in request.inputs}
-    if "dicom" in names:
-        tensor = names["dicom"]
+    if INPUT in names:
+        tensor = names[INPUT]
         if tensor.datatype != "BYTES":
             raise NotDicom("dicom", f"input dicom must be BYTES, not {tensor.datatype}")
         return [
@@ -362,7 +362,12 @@ class BodyPartModel(Model):  # type: ignore[misc]
                 log.warning("alias poll of %s failed: %s", self.model_uri, exc)
 
     async def healthy(self) -> bool:
-        """Ready only with a model loaded and a working decode pool (KServe's readiness asks this)."""
+        """KServe asks this before every request: a loaded model takes requests, also while a broken
+        decode pool is being replaced (the request waits for the new pool rather than failing)."""
+        return bool(self.ready)
+
+    def ready_to_serve(self) -> bool:
+        """The readiness probe's answer: a model loaded and a working decode pool."""
         return bool(self.ready) and self.pool is not None and self.pool.healthy
 
     def stop(self) -> None:

@@ -71,7 +71,7 @@ class Readiness(BaseHTTPMiddleware):
         self.model = model
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path == "/v2/health/ready" and not await self.model.healthy():
+        if request.url.path == "/v2/health/ready" and not self.model.ready_to_serve():
             return JSONResponse(status_code=HTTPStatus.SERVICE_UNAVAILABLE, content={"ready": False})
         return await call_next(request)
 
@@ -79,10 +79,11 @@ class Readiness(BaseHTTPMiddleware):
 class BoundModelServer(ModelServer):  # type: ignore[misc]
     """KServe's model server on a chosen host; the model registers even before its first version exists."""
 
-    def __init__(self, host: str, port: int, max_request_bytes: int) -> None:
+    def __init__(self, host: str, port: int, max_request_bytes: int, grace_s: int) -> None:
         super().__init__(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
         self.host = host
         self.max_request_bytes = max_request_bytes
+        self.grace_s = grace_s
 
     def serve(self, model: BodyPartModel) -> None:
         self.register_model(model)
@@ -90,7 +91,11 @@ class BoundModelServer(ModelServer):  # type: ignore[misc]
         kserve_app.add_middleware(BodyLimit, limit=self.max_request_bytes)
         kserve_app.add_middleware(Readiness, model=model)
         rest = RESTServer(
-            FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            grace_period=self.grace_s,
         )
         rest.config.host = self.host
         self._rest_server = rest
@@ -110,8 +115,20 @@ class BoundModelServer(ModelServer):  # type: ignore[misc]
 
 
 def serve(settings: Settings, *, model_uri: str | None, host: str, port: int) -> None:
-    """Load the model (or wait for it via the alias poll) and serve until SIGTERM."""
+    """Load the model (or wait for it via the alias poll) and serve until SIGTERM: then no new
+    connection is accepted, requests in flight finish (at most ``serve_shutdown_grace_s``) and the
+    process exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also while loading: as a container's PID 1 a signal
+        signal.signal(sig, _exit)  # without a handler is ignored, and the kubelet would have to kill it
     model = BodyPartModel(settings, model_uri)
     model.load()
     log.info("model server on http://%s:%d (model %s)", host, port, model.model_uri)
-    BoundModelServer(host, port, settings.serve_max_request_bytes).serve(model)
+    BoundModelServer(host, port, settings.serve_max_request_bytes, settings.serve_shutdown_grace_s).serve(
+        model
+    )
+    log.info("model server stopped")
+
+
+def _exit(signum: int, _frame: object) -> None:
+    log.info("%s before serving: exiting", signal.Signals(signum).name)
+    raise SystemExit(0)

@@ -1,0 +1,13 @@
+"""The names the predictor and its clients agree on (V2 protocol): standard library only, so a client
+needs neither the model server nor its dependencies."""
+
+from __future__ import annotations
+
+MODEL_NAME = "bodypart-router"
+"""The model's name in ``/v2/models/<name>/…`` (the InferenceService's predictor)."""
+INPUT = "dicom"
+"""The BYTES input: one base64-encoded DICOM file per element."""
+OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
+"""What every answer has; ``EXTRA_OUTPUTS`` only when asked for."""
+EXTRA_OUTPUTS = ("embedding", "image_statistics")
+"""The bundle's embedding and the decoded image's statistics (the inference log's inputs)."""
