@@ -3,7 +3,7 @@ process, both in this run, per step: the orchestration overhead ratio.
 
 Workload: the demo's data (300 synthetic X-rays from 3 sites, 128 px long side) in the local S3; the
 demo's candidate (ResNet-18, 96 px, 10 epochs) unless ``--arch``/``--epochs``/``--image-size`` say
-otherwise; ingest in 3 shards. Baseline: the same ``dicom_router.pipeline`` calls in the same order in
+otherwise; ingest in 3 shards. Baseline: the same ``dicom_router.steps`` calls in the same order in
 this process (imports paid once, no subprocesses, no artifact passing, loops run one after another).
 Each mode gets its own data directory (MLflow, cache, registry) so neither profits from the other's
 cache; both read the same bucket.
@@ -22,9 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dicom_router import pipeline, stack, synth
+from dicom_router import stack, synth
 from dicom_router.config import Settings
 from dicom_router.demo import DEMO_IMAGES, DEMO_LONG_SIDE, DEMO_SITES, DEMO_TRAINING
+from dicom_router.kfp_runs import run_local
+from dicom_router.steps import ingest, release, training
 from dicom_router.storage import S3Store, open_store, s3_connection, upload_folder
 
 
@@ -41,7 +43,7 @@ def direct(settings: Settings, params: dict[str, Any], work: Path) -> list[tuple
     source, size = params["source"], params["image_size"]
     plan = timed(
         "plan-shards",
-        pipeline.plan_shards,
+        ingest.plan_shards,
         source,
         settings,
         objects_per_shard=params["objects_per_shard"],
@@ -51,7 +53,7 @@ def direct(settings: Settings, params: dict[str, Any], work: Path) -> list[tuple
     for item, part in zip(plan, parts, strict=True):
         timed(
             "ingest-shard",
-            pipeline.ingest_shard,
+            ingest.ingest_shard,
             source,
             part,
             settings,
@@ -59,13 +61,13 @@ def direct(settings: Settings, params: dict[str, Any], work: Path) -> list[tuple
             count=item["count"],
         )
     catalog, cache, best = str(work / "catalog"), str(work / "cache"), str(work / "best")
-    timed("merge-catalog", pipeline.merge_catalogs, parts, catalog, settings)
-    timed("preprocess", pipeline.preprocess, catalog, cache, settings, image_size=size)
+    timed("merge-catalog", ingest.merge_catalogs, parts, catalog, settings)
+    timed("preprocess", training.preprocess, catalog, cache, settings, image_size=size)
     models = [str(work / f"model-{arch}") for arch in params["archs"]]
     for arch, model in zip(params["archs"], models, strict=True):
         timed(
             "train",
-            pipeline.train_one,
+            training.train_one,
             catalog,
             cache,
             model,
@@ -75,12 +77,12 @@ def direct(settings: Settings, params: dict[str, Any], work: Path) -> list[tuple
             image_size=size,
             batch_size=params["batch_size"],
         )
-    timed("evaluate", pipeline.evaluate_candidates, models, best, settings)
-    version = timed("register", pipeline.register_candidate, best, settings)
-    passed = timed("gate", pipeline.gate, version, settings)["promoted"]
-    timed("promote", pipeline.promote_version, version, settings, expect_promoted=passed)
+    timed("evaluate", training.evaluate_candidates, models, best, settings)
+    version = timed("register", release.register_candidate, best, settings)
+    passed = timed("gate", release.gate, version, settings)["promoted"]
+    timed("promote", release.promote_version, version, settings, expect_promoted=passed)
     if passed:
-        timed("deploy", pipeline.deploy, version, str(work / "deploy"), settings)
+        timed("deploy", release.deploy, version, str(work / "deploy"), settings)
     return times
 
 
@@ -130,12 +132,12 @@ def main() -> None:
                 )
 
             if args.local_first:
-                run = pipeline.run_local("training", params, mode("local"))
+                run = run_local("training", params, mode("local"))
             start = time.perf_counter()
             direct_times = direct(mode("direct"), params, root / "direct-work")
             direct_wall = time.perf_counter() - start
             if not args.local_first:
-                run = pipeline.run_local("training", params, mode("local"))
+                run = run_local("training", params, mode("local"))
         finally:
             stack.down(base)
 

@@ -14,14 +14,15 @@ def evaluate(
     confusion: Output[ClassificationMetrics],
 ) -> str:
     """Re-score the candidates through the serving path; the best by macro-F1 is ``best``; its arch."""
-    from dicom_router import LABELS, pipeline
+    from dicom_router import LABELS
+    from dicom_router.steps import step_settings, training
 
-    evaluation = pipeline.evaluate_candidates(
-        [m.path for m in models], best.path, pipeline.step_settings(mlflow_tracking_uri=mlflow_tracking_uri)
+    evaluation = training.evaluate_candidates(
+        [m.path for m in models], best.path, step_settings(mlflow_tracking_uri=mlflow_tracking_uri)
     )
     chosen = evaluation.candidates[evaluation.best]
     best.metadata.update({"arch": chosen["arch"], "run_id": chosen["run_id"]})
-    for name, value in pipeline.metrics_of(evaluation.report).items():
+    for name, value in training.metrics_of(evaluation.report).items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(list(LABELS), evaluation.report["confusion_matrix"])
     return str(chosen["arch"])

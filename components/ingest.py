@@ -9,30 +9,28 @@ from kfp.dsl import Dataset, Input, Metrics, Output
 
 def plan_shards(source: str, objects_per_shard: int, max_shards: int) -> list[dict[str, int]]:
     """List the bucket prefix once and decide how many ingest shards to fan out to."""
-    from dicom_router import pipeline
+    from dicom_router.steps import ingest, step_settings
 
-    return pipeline.plan_shards(
-        source, pipeline.step_settings(), objects_per_shard=objects_per_shard, max_shards=max_shards
+    return ingest.plan_shards(
+        source, step_settings(), objects_per_shard=objects_per_shard, max_shards=max_shards
     )
 
 
 def ingest_shard(source: str, labels_uri: str, index: int, count: int, part: Output[Dataset]) -> None:
     """De-identified part catalog (+ QA) of the objects of shard ``index`` of ``count``."""
-    from dicom_router import pipeline
+    from dicom_router.steps import ingest, step_settings
 
-    pipeline.ingest_shard(
-        source, part.path, pipeline.step_settings(), shard=index, count=count, labels_uri=labels_uri
-    )
+    ingest.ingest_shard(source, part.path, step_settings(), shard=index, count=count, labels_uri=labels_uri)
 
 
 def merge_catalog(
     parts: Input[list[Dataset]], catalog_uri: str, catalog: Output[Dataset], summary: Output[Metrics]
 ) -> None:
     """One catalog and QA summary from the parts; also written to ``catalog_uri`` when set."""
-    from dicom_router import pipeline
+    from dicom_router.steps import ingest, step_settings
 
-    result = pipeline.merge_catalogs(
-        [p.path for p in parts], catalog.path, pipeline.step_settings(), catalog_uri=catalog_uri
+    result = ingest.merge_catalogs(
+        [p.path for p in parts], catalog.path, step_settings(), catalog_uri=catalog_uri
     )
     summary.log_metric("objects", result.qa["objects"])
     summary.log_metric("cataloged", result.qa["cataloged"])

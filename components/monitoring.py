@@ -8,10 +8,10 @@ from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 def profile(version: str, catalog: Input[Dataset], mlflow_tracking_uri: str) -> int:
     """Store the version's drift reference (its validation/test images through the model) in MLflow."""
-    from dicom_router import pipeline
+    from dicom_router.steps import monitoring, step_settings
 
-    return pipeline.profile_reference(
-        version, catalog.path, pipeline.step_settings(mlflow_tracking_uri=mlflow_tracking_uri)
+    return monitoring.profile_reference(
+        version, catalog.path, step_settings(mlflow_tracking_uri=mlflow_tracking_uri)
     )
 
 
@@ -26,10 +26,10 @@ def drift(
     summary: Output[Metrics],
 ) -> bool:
     """Evidently drift of recent inference-log records vs the reference, per group; True on an alert."""
-    from dicom_router import pipeline
+    from dicom_router.steps import monitoring, step_settings
 
-    document = pipeline.run_drift_job(
-        pipeline.step_settings(mlflow_tracking_uri=mlflow_tracking_uri),
+    document = monitoring.run_drift_job(
+        step_settings(mlflow_tracking_uri=mlflow_tracking_uri),
         reference=reference,
         current=current,
         by=by,

@@ -8,11 +8,9 @@ from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Model, Outpu
 
 def preprocess(catalog: Input[Dataset], image_size: int, recipe: str, cache: Output[Dataset]) -> None:
     """Decode every labelled image once into the shared cache (the manifest says where)."""
-    from dicom_router import pipeline
+    from dicom_router.steps import step_settings, training
 
-    pipeline.preprocess(
-        catalog.path, cache.path, pipeline.step_settings(), image_size=image_size, recipe=recipe
-    )
+    training.preprocess(catalog.path, cache.path, step_settings(), image_size=image_size, recipe=recipe)
 
 
 def train(
@@ -31,13 +29,14 @@ def train(
     confusion: Output[ClassificationMetrics],
 ) -> None:
     """Train one candidate (an architecture, or an ensemble ``a+b``); its bundle is the model artifact."""
-    from dicom_router import LABELS, pipeline
+    from dicom_router import LABELS
+    from dicom_router.steps import step_settings, training
 
-    summary = pipeline.train_one(
+    summary = training.train_one(
         catalog.path,
         cache.path,
         model.path,
-        pipeline.step_settings(mlflow_tracking_uri=mlflow_tracking_uri),
+        step_settings(mlflow_tracking_uri=mlflow_tracking_uri),
         arch=arch,
         epochs=epochs,
         image_size=image_size,
@@ -47,6 +46,6 @@ def train(
         tta=tta,
     )
     model.metadata.update({"arch": summary["arch"], "run_id": summary["run_id"]})
-    for name, value in pipeline.metrics_of(summary["report"]).items():
+    for name, value in training.metrics_of(summary["report"]).items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(list(LABELS), summary["report"]["confusion_matrix"])

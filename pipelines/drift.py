@@ -11,7 +11,7 @@ from typing import Any
 
 from kfp import dsl
 
-from dicom_router.pipeline import Resources
+from dicom_router.deployment import Resources
 from pipelines.pods import pod
 
 NAME = "dicom-router-drift"

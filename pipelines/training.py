@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
-from dicom_router.pipeline import DEID_SECRET, Resources
+from dicom_router.deployment import Resources
 from pipelines.pods import pod
 
 NAME = "dicom-router-training"
@@ -75,9 +75,6 @@ def build(base_image: str, resources: Resources) -> Any:
                 c.ingest_shard(source=source, labels_uri=labels_uri, index=shard.index, count=shard.count),
                 cpu=resources.cpu,
                 memory=resources.memory,
-            )
-            kubernetes.use_secret_as_env(
-                part, secret_name=DEID_SECRET, secret_key_to_env={"deid_key": "DICOM_ROUTER_DEID_KEY"}
             )
         merged = pod(
             c.merge_catalog(parts=dsl.Collected(part.outputs["part"]), catalog_uri=catalog_uri),

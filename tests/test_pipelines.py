@@ -15,21 +15,12 @@ import yaml
 
 from dicom_router import LABELS
 from dicom_router.catalog import ingest, read_catalog, shard_of
-from dicom_router.config import Settings
-from dicom_router.pipeline import (
-    COMPILED_DIR,
-    PIPELINES,
-    GateChanged,
-    compile_pipelines,
-    gate,
-    ingest_shard,
-    merge_catalogs,
-    plan_shards,
-    promote_version,
-    read_ingest_result,
-    run_local,
-)
+from dicom_router.config import REPO_ROOT, Settings
+from dicom_router.deployment import CONFIG_KEYS, CONFIG_MAP, PIPELINE_SECRETS, config_env
+from dicom_router.kfp_runs import COMPILED_DIR, PIPELINES, compile_pipelines, run_local
 from dicom_router.registry import connect, history, load_bundle
+from dicom_router.steps.ingest import ingest_shard, merge_catalogs, plan_shards, read_ingest_result
+from dicom_router.steps.release import GateChanged, gate, promote_version
 from dicom_router.storage import S3Store, open_store, s3_connection, upload_folder
 from dicom_router.synth import synthesize
 
@@ -76,7 +67,7 @@ def test_components_run_on_the_versioned_image_without_installing_anything(
         container = executor["container"]
         assert container["image"] == f"{DEFAULT_REGISTRY}/components:{dicom_router.__version__}", name
         assert "pip install" not in " ".join(container["command"]), name
-        assert "from dicom_router import" in container["command"][-1], name
+        assert "from dicom_router.steps import" in container["command"][-1], name
     assert training_ir["spec"]["sdkVersion"] == "kfp-2.17.0"
 
 
@@ -271,3 +262,58 @@ def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promo
     assert gate("1", settings)["promoted"] is True and len(history(settings)) == 1  # asks, records nothing
     with pytest.raises(GateChanged):  # the If was taken on "refused": promote must not go on to deploy
         promote_version("1", settings, expect_promoted=False)
+
+
+# --- one deployment contract: the compiled pipelines read what the chart provides --------------------
+
+
+def _chart_secret_refs(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(Secret, key, variable) of every ``secretKeyRef`` in the chart's workloads."""
+    found: set[tuple[str, str, str]] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            ref = node.get("valueFrom", {}).get("secretKeyRef") if "name" in node else None
+            if ref:
+                found.add((ref["name"], ref["key"], node["name"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(docs)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_pipeline_task_reads_exactly_the_secrets_and_config_the_chart_provides(name: str) -> None:
+    from tests.test_chart import render
+
+    ir = _platform(name)
+    docs = render("default")
+    secret_refs = _chart_secret_refs(docs)
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == CONFIG_MAP]
+    settings_fields = set(Settings.model_fields)
+    for task, executor in ir.items():
+        secrets = {s["secretName"]: s for s in executor["secretAsEnv"]}
+        assert set(secrets) == {c.name for c in PIPELINE_SECRETS}, task
+        for contract in PIPELINE_SECRETS:
+            wired = {(contract.name, k["secretKey"], k["envVar"]) for k in secrets[contract.name]["keyToEnv"]}
+            assert wired == {(contract.name, k, v) for k, v in contract.env.items()}, task
+            assert wired <= secret_refs, f"{task}: {wired - secret_refs} is not what the chart references"
+            assert secrets[contract.name].get("optional", False) is contract.optional, task
+        (maps,) = executor["configMapAsEnv"]
+        assert maps["configMapName"] == CONFIG_MAP and maps.get("optional", False) is False, task
+        keys = {k["configMapKey"]: k["envVar"] for k in maps["keyToEnv"]}
+        assert keys == {k: config_env(k) for k in CONFIG_KEYS}, task
+        assert set(keys) <= set(config["data"]) and set(keys) <= settings_fields, task
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert all(c.name in readme and all(f"`{k}`" in readme for k in c.env) for c in PIPELINE_SECRETS)
+
+
+def _platform(name: str) -> dict[str, Any]:
+    """The compiled pipeline's Kubernetes platform spec per executor."""
+    docs = list(yaml.safe_load_all((COMPILED_DIR / f"{name}.yaml").read_text()))
+    platform: dict[str, Any] = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return platform

@@ -814,7 +814,7 @@ def pipeline() -> None:
 @click.argument("name", required=False)
 def pipeline_compile(name: str | None) -> int:
     """Write pipelines/compiled/NAME.yaml (no NAME: every pipeline)."""
-    from dicom_router.pipeline import PIPELINES, compile_pipelines
+    from dicom_router.kfp_runs import PIPELINES, compile_pipelines
 
     if name is not None and name not in PIPELINES:
         raise click.UsageError(f"no pipeline {name!r}; known: {', '.join(PIPELINES)}")
@@ -863,7 +863,7 @@ def pipeline_run(
     cluster: str | None,
 ) -> int:
     """Run pipeline NAME; options left out take the pipeline's defaults."""
-    from dicom_router.pipeline import PIPELINES, run_local, submit
+    from dicom_router.kfp_runs import PIPELINES, run_local, submit
 
     if name not in PIPELINES:
         raise click.UsageError(f"no pipeline {name!r}; known: {', '.join(PIPELINES)}")

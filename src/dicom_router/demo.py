@@ -22,11 +22,12 @@ from rich.table import Table
 from dicom_router import stack, synth
 from dicom_router.catalog import summary_table
 from dicom_router.config import Settings
+from dicom_router.kfp_runs import run_local
 from dicom_router.orthanc.send import dcmsend
-from dicom_router.pipeline import read_ingest_result, run_local
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.serving.client import ModelClient
+from dicom_router.steps.ingest import read_ingest_result
 from dicom_router.storage import S3Store, open_store, upload_folder
 from dicom_router.train import recipe_config
 
