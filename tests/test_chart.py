@@ -48,6 +48,7 @@ VALUE_SETS: dict[str, tuple[list[Path], dict[str, Any]]] = {
     "default": ([], {}),
     "default+model": ([], MODEL),
     "gpu-production": ([GPU_VALUES], MODEL),
+    "deployment-mode": ([], {**MODEL, "inferenceService.mode": "deployment"}),
 }
 HELM_LABELS = (
     "helm.sh/chart",
@@ -208,7 +209,6 @@ def spec_from_values(v: dict[str, Any]) -> InferenceServiceSpec:
         min_replicas=isv["minReplicas"],
         max_replicas=isv["maxReplicas"],
         max_batch_size=isv["maxBatchSize"],
-        max_latency_ms=isv["maxLatencyMs"],
         cpu_request=isv["cpuRequest"],
         cpu_limit=isv["cpuLimit"],
         memory_request=isv["memoryRequest"],
@@ -261,6 +261,41 @@ def test_inference_service_equivalence_holds_for_non_default_inputs() -> None:
 def test_inference_service_validates_against_the_kserve_crd(value_set: str, shared_dir: Path) -> None:
     (doc,) = of_kind(render(value_set), "InferenceService")
     assert validate_inference_service(doc, load_crd_schema(shared_dir / "k8s-schemas")) == []
+
+
+def test_without_kserve_the_predictor_is_a_deployment_and_service_with_the_same_container() -> None:
+    kserve = of_kind(render("default+model"), "InferenceService")[0]["spec"]["predictor"]
+    docs = render("deployment-mode")
+    assert of_kind(docs, "InferenceService") == []
+    name = f"{values('deployment-mode')['inferenceService']['name']}-predictor"
+    (deployment,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == name]
+    (service,) = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] == name]
+    pod = deployment["spec"]["template"]["spec"]
+    (served,), (plain,) = kserve["containers"], pod["containers"]
+    served_env = {e["name"]: e for e in served.pop("env")}
+    plain_env = {e["name"]: e for e in plain.pop("env")}
+    assert served.pop("args")[2] == "/mnt/models"  # KServe's storage initializer put the bundle there
+    assert plain.pop("args")[2] == MODEL["inferenceService.storageUri"]  # the server fetches it
+    assert served == plain  # one container definition: image, probes, resources, security
+    assert served_env.pop("STORAGE_URI")["value"] == MODEL["inferenceService.storageUri"]
+    s3 = {k: plain_env.pop(k) for k in list(plain_env) if k.startswith("DICOM_ROUTER_S3_")}
+    assert {"DICOM_ROUTER_S3_ENDPOINT_URL", "DICOM_ROUTER_S3_SECRET_ACCESS_KEY"} <= set(s3)
+    assert plain_env == served_env
+    for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext", "volumes"):
+        assert pod[key] == kserve[key], key
+    assert deployment["spec"]["replicas"] == kserve["minReplicas"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+    worker_env = [
+        e
+        for d in of_kind(docs, "StatefulSet") + of_kind(docs, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if e["name"] == "DICOM_ROUTER_SERVE_URL"
+    ]
+    assert [e["value"] for e in worker_env] == [f"http://{name}.{NAMESPACE}.svc.cluster.local"]
 
 
 def test_default_values_serve_no_model_until_one_is_named() -> None:
@@ -328,7 +363,7 @@ def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == val for k, val in wanted.items())
 
 
-@pytest.mark.parametrize("value_set", ["default+model", "gpu-production"])
+@pytest.mark.parametrize("value_set", ["default+model", "gpu-production", "deployment-mode"])
 def test_network_policies_cover_every_pod_and_allow_only_the_designed_flows(value_set: str) -> None:
     docs = render(value_set)
     policies = of_kind(docs, "NetworkPolicy")
@@ -372,7 +407,7 @@ def test_network_policies_cover_every_pod_and_allow_only_the_designed_flows(valu
 # --- pods: resources, probes, security -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("value_set", ["default+model", "gpu-production"])
+@pytest.mark.parametrize("value_set", ["default+model", "gpu-production", "deployment-mode"])
 def test_every_container_has_resources_probes_and_a_non_root_read_only_security_context(
     value_set: str,
 ) -> None:

@@ -58,17 +58,20 @@ def test_cpu_render_validates_and_asks_for_no_gpu(crd_schema: dict[str, Any]) ->
     assert "tolerations" not in predictor(doc) and "nodeSelector" not in predictor(doc)
 
 
-def test_predictor_stays_warm_and_batches() -> None:
+def test_predictor_stays_warm_batches_itself_and_listens_on_its_pod_address() -> None:
     doc = render_inference_service(spec())
     assert predictor(doc)["minReplicas"] == 1 and predictor(doc)["maxReplicas"] == 3
-    assert predictor(doc)["batcher"] == {"maxBatchSize": 16, "maxLatency": 50}
+    assert "batcher" not in predictor(doc)  # its agent would call the server on loopback
+    env = {e["name"]: e for e in predictor(doc)["containers"][0]["env"]}
+    assert env["DICOM_ROUTER_SERVE_MAX_BATCH_SIZE"]["value"] == "16"
+    assert env["DICOM_ROUTER_SERVE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
 
 
 def test_model_comes_from_storage_uri_into_the_kserve_container() -> None:
     doc = render_inference_service(spec(model_version="12", port=9000))
     container = predictor(doc)["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert container["name"] == "kserve-container"
     assert env["STORAGE_URI"] == BUNDLE
     assert env["DICOM_ROUTER_LOW_CONFIDENCE"] == "0.5"
@@ -112,11 +115,11 @@ def test_schema_errors_name_the_field(crd_schema: dict[str, Any]) -> None:
     good = render_inference_service(spec())
     bad = copy.deepcopy(good)
     predictor(bad)["minReplicas"] = "one"
-    predictor(bad)["batcher"]["maxBatchsize"] = 8  # misspelt: the API server would refuse or drop it
+    predictor(bad)["minReplica"] = 2  # misspelt: the API server would refuse or drop it
     predictor(bad)["containers"][0]["resources"]["limits"]["memory"] = "lots"
     errors = validate_inference_service(bad, crd_schema)
     assert any(e.startswith("spec.predictor.minReplicas: ") and "integer" in e for e in errors)
-    assert any(e.startswith("spec.predictor.batcher: ") and "maxBatchsize" in e for e in errors)
+    assert any(e.startswith("spec.predictor: ") and "minReplica" in e for e in errors)
     assert any(e.startswith("spec.predictor.containers[0].resources.limits.memory: ") for e in errors)
     assert len(errors) == 3
     assert validate_inference_service(good, crd_schema) == []  # the good document was not touched

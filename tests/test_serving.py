@@ -30,6 +30,7 @@ from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.registry import connect, experiment, register_bundle
 from dicom_router.serving.client import ModelClient, parse_statistics
 from dicom_router.serving.predictor import check_images, v1_instances
+from dicom_router.storage import S3Store, open_store, upload_folder
 from dicom_router.synth import synthesize
 from tests.dicom_factory import dicom_bytes
 
@@ -362,3 +363,23 @@ def _wait_refused(url: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{url} still accepts connections after SIGTERM")
+
+
+def test_a_bundle_published_to_the_bucket_is_served_from_its_s3_uri(
+    s3_settings: Settings, tiny_bundle: Path, dicoms: list[bytes]
+) -> None:
+    uri = f"s3://{s3_settings.s3_bucket}/models/bodypart-router/7"
+    store = open_store(uri, s3_settings)
+    assert isinstance(store, S3Store)
+    store.ensure_bucket()
+    upload_folder(tiny_bundle, store)
+    settings = s3_settings.model_copy(update={"model_uri": uri})
+    url = stack.model_server_up(settings)  # a plain Deployment's predictor: no storage initializer
+    try:
+        _wait_ready(url)
+        answer = ModelClient(url).classify(dicoms[0])
+        assert answer.label in LABELS and answer.model_version == "local"
+        fetched = next((settings.data_dir / "bundles").iterdir())
+        assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in tiny_bundle.iterdir())
+    finally:
+        stack.Process("model_server", settings).stop()

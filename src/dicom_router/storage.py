@@ -312,3 +312,14 @@ def upload_folder(folder: Path, store: Store, threads: int = 8) -> int:
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda p: store.write(p.relative_to(folder).as_posix(), p.read_bytes()), files))
     return len(files)
+
+
+def download_folder(store: Store, folder: Path) -> int:
+    """Copy every object of ``store`` into ``folder`` under the same relative paths (a model bundle
+    published to the bucket); returns how many."""
+    infos = list(store.list())
+    for info in infos:
+        target = folder / info.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.read(info.key))
+    return len(infos)

@@ -69,9 +69,9 @@ class InferenceServiceSpec(BaseModel):
     """Never 0: scale-to-zero means GPU cold starts while DICOM waits to be routed."""
     max_replicas: int = Field(3, ge=1)
     max_batch_size: int = Field(16, ge=1)
-    """KServe batcher (V1 ``:predict`` only) and the server's own micro-batcher: images per ORT call."""
-    max_latency_ms: int = Field(50, ge=1)
-    """KServe batcher: how long the first V1 request of a batch waits for others."""
+    """The server's own micro-batcher: the most images per ONNX Runtime call (V1 and V2 alike; no KServe
+    batcher sidecar, whose agent would reach the server on loopback while it listens on the pod
+    address)."""
     cpu_request: str = Field("2", pattern=_QUANTITY)
     """DICOM decoding runs on the CPU even when the network runs on the GPU."""
     cpu_limit: str = Field("4", pattern=_QUANTITY)
@@ -164,6 +164,8 @@ def render_inference_service(spec: InferenceServiceSpec) -> dict[str, Any]:
         "args": ["serve", "--model", MODEL_MOUNT, "--port", str(spec.port)],
         "env": [
             {"name": "STORAGE_URI", "value": spec.storage_uri},
+            # The pod's own address: where the kubelet's probes and the Service send traffic.
+            {"name": "DICOM_ROUTER_SERVE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "DICOM_ROUTER_LOW_CONFIDENCE", "value": str(spec.low_confidence)},
             {"name": "DICOM_ROUTER_SERVE_MAX_BATCH_SIZE", "value": str(spec.max_batch_size)},
             # The root filesystem is read-only: state and caches go to the /tmp emptyDir.
@@ -191,9 +193,6 @@ def render_inference_service(spec: InferenceServiceSpec) -> dict[str, Any]:
     predictor: dict[str, Any] = {
         "minReplicas": spec.min_replicas,
         "maxReplicas": spec.max_replicas,
-        # The agent sidecar batches V1 ``:predict`` calls only; V2 ``/infer`` (what the router sends)
-        # passes through and is batched by the server itself (DICOM_ROUTER_SERVE_MAX_BATCH_SIZE).
-        "batcher": {"maxBatchSize": spec.max_batch_size, "maxLatency": spec.max_latency_ms},
         "serviceAccountName": spec.service_account,
         "automountServiceAccountToken": False,  # the server never calls the Kubernetes API
         "labels": dict(labels),  # on the pods too, so policies and dashboards can select by version
