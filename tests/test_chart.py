@@ -415,6 +415,9 @@ def test_every_container_has_resources_probes_and_a_non_root_read_only_security_
         pod_sc = pod.get("securityContext", {})
         assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
         assert pod.get("automountServiceAccountToken") is False, where
+        # Service links would inject DICOM_ROUTER_S3_PORT=tcp://… (the Service dicom-router-s3) into
+        # the settings' namespace: the worker crashed on it on a real cluster.
+        assert pod.get("enableServiceLinks") is False, where
         for container in pod.get("initContainers", []) + pod["containers"]:
             name = f"{where}/{container['name']}"
             resources = container["resources"]

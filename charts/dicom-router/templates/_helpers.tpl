@@ -64,6 +64,9 @@ seccompProfile:
 {{- define "dicom-router.podCommon" -}}
 serviceAccountName: {{ include "dicom-router.fullname" . }}
 automountServiceAccountToken: false
+# No <SERVICE>_PORT/_HOST variables: with the release named dicom-router, the Service dicom-router-s3
+# would become DICOM_ROUTER_S3_PORT=tcp://…, which the settings (prefix DICOM_ROUTER_) read as theirs.
+enableServiceLinks: false
 {{- with .Values.images.pullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}

@@ -195,6 +195,8 @@ def render_inference_service(spec: InferenceServiceSpec) -> dict[str, Any]:
         "maxReplicas": spec.max_replicas,
         "serviceAccountName": spec.service_account,
         "automountServiceAccountToken": False,  # the server never calls the Kubernetes API
+        # No <SERVICE>_PORT variables: a Service named dicom-router-… would read as a DICOM_ROUTER_ setting.
+        "enableServiceLinks": False,
         "labels": dict(labels),  # on the pods too, so policies and dashboards can select by version
         "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
