@@ -49,6 +49,7 @@ VALUE_SETS: dict[str, tuple[list[Path], dict[str, Any]]] = {
     "default+model": ([], MODEL),
     "gpu-production": ([GPU_VALUES], MODEL),
     "deployment-mode": ([], {**MODEL, "inferenceService.mode": "deployment"}),
+    "deploy-test": ([REPO_ROOT / "infra" / "k8s" / "deploy-test-values.yaml"], MODEL),
 }
 HELM_LABELS = (
     "helm.sh/chart",
@@ -334,10 +335,10 @@ def test_no_plaintext_secret_only_references_to_existing_secrets(value_set: str)
     declared = {
         v["s3"]["existingSecret"],
         v["deid"]["existingSecret"],
-        v["mlflow"]["existingSecret"],
         v["mlflow"]["clientSecret"],
         v["orthanc"]["existingSecret"],
     } | ({v["orthanc"]["postgresql"]["existingSecret"]} if v["orthanc"]["postgresql"]["enabled"] else set())
+    declared |= {v["mlflow"]["existingSecret"]} if v["mlflow"]["enabled"] else set()
     referenced: set[str] = set()
     for where, pod, _, _ in pod_specs(docs):
         for container in pod.get("initContainers", []) + pod["containers"]:

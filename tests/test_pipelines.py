@@ -294,6 +294,9 @@ def test_every_pipeline_task_reads_exactly_the_secrets_and_config_the_chart_prov
     docs = render("default")
     secret_refs = _chart_secret_refs(docs)
     (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == CONFIG_MAP]
+    without_mlflow = [d for d in render("deploy-test") if d["kind"] == "ConfigMap"]
+    (lean,) = [d for d in without_mlflow if d["metadata"]["name"] == CONFIG_MAP]
+    assert set(lean["data"]) == set(config["data"])  # required keys: present whatever the values
     settings_fields = set(Settings.model_fields)
     for task, executor in ir.items():
         secrets = {s["secretName"]: s for s in executor["secretAsEnv"]}

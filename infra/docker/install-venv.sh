@@ -1,10 +1,41 @@
 #!/bin/sh
-# Install the project with one role's extra (`serve`, `route`, `all`) into /opt/venv, every version
-# pinned by the lock, then check the environment is consistent. Each image installs only what its role
-# imports: the predictor `serve` (no torch), the routing worker and drift job `route`, the pipeline
-# components `all`.
+# The project in /opt/venv, in two layers so a change of code does not reinstall the dependencies:
+#   install-venv.sh deps EXTRA   the dependencies of one role's extra (pyproject.toml: `serve`, `route`,
+#                                `all`), every version pinned by the lock; run before the sources are copied
+#   install-venv.sh project      the project itself, without dependencies; then check the environment
+# Each image installs only what its role imports: the predictor `serve` (no torch), the routing worker
+# and drift job `route`, the pipeline components `all`.
 set -eu
-extra="$1"
-python -m venv /opt/venv
-pip install -c /build/requirements/lock.txt "/build[${extra}]"
-pip check
+case "$1" in
+  deps)
+    python -m venv /opt/venv
+    python - "$2" > /build/requirements/role.txt <<'PY'
+import sys
+import tomllib
+
+project = tomllib.load(open("/build/pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+
+
+def requirements(extra):
+    for requirement in extras[extra]:
+        if requirement.startswith(project["name"] + "["):  # an extra that includes others
+            for name in requirement.split("[", 1)[1].rstrip("]").split(","):
+                yield from requirements(name.strip())
+        else:
+            yield requirement
+
+
+print("\n".join([*project["dependencies"], *requirements(sys.argv[1])]))
+PY
+    pip install -r /build/requirements/role.txt -c /build/requirements/lock.txt
+    ;;
+  project)
+    pip install --no-deps /build
+    pip check
+    ;;
+  *)
+    echo "usage: install-venv.sh deps EXTRA | project" >&2
+    exit 64
+    ;;
+esac

@@ -7,7 +7,7 @@
 #      else the single-node Kubernetes of ../shared/k8s (started here, images imported, stopped on exit)
 #   3. the KServe CRD, a namespace enforcing Pod Security "restricted", the deployment contract's Secrets
 #      (generated), helm install with infra/k8s/deploy-test-values.yaml; every Deployment Available
-#   4. a model: a bundle trained here, uploaded to the in-cluster S3, the predictor enabled (helm upgrade)
+#   4. a model: a seeded bundle exported here, uploaded to the in-cluster S3, the predictor enabled (helm upgrade)
 #   5. DICOM by C-STORE to the Orthanc Service; each instance classified by the predictor pod and
 #      delivered where the rules say (a destination Orthanc pod); the drift CronJob's job run once
 #
@@ -121,7 +121,7 @@ phase "install + Available"
 svc_ip() { kubectl -n "$NS" get service "$1" -o jsonpath='{.spec.clusterIP}'; }
 S3_URL="http://$(svc_ip "$RELEASE-s3"):9000"
 BUNDLE_URI="s3://dicom-router/models/bodypart-router/1"
-log "training a small bundle and uploading it to the in-cluster S3 ($S3_URL)"
+log "exporting a seeded 32 px bundle and uploading it to the in-cluster S3 ($S3_URL)"
 DICOM_ROUTER_DATA_DIR="$WORK/data" DICOM_ROUTER_S3_ENDPOINT_URL="$S3_URL" \
   DICOM_ROUTER_S3_ACCESS_KEY_ID="$S3_KEY" DICOM_ROUTER_S3_SECRET_ACCESS_KEY="$S3_SECRET" \
   "$PY" infra/k8s/deploy_test.py publish --bundle-uri "$BUNDLE_URI" --sample "$WORK/sample"
