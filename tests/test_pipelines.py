@@ -288,8 +288,14 @@ def _chart_secret_refs(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
 def test_every_pipeline_task_reads_exactly_the_secrets_and_config_the_chart_provides(name: str) -> None:
-    from tests.test_chart import render
+    from tests.test_chart import render, values
 
+    chart_values = values("default")
+    for contract in PIPELINE_SECRETS:  # the chart's default names the contract's Secret
+        node: Any = chart_values
+        for part in contract.value.split("."):
+            node = node[part]
+        assert node == contract.name, contract.value
     ir = _platform(name)
     docs = render("default")
     secret_refs = _chart_secret_refs(docs)

@@ -4,7 +4,8 @@ keys in them and the ``Settings`` variables they become, and how the pipeline's 
 The chart references these Secrets (it never holds a credential) and creates the ConfigMap; the
 pipelines' pods (``pipelines/pods.py``) read both; the README lists them. Tests compare the compiled
 pipelines with what ``helm template`` renders, so the two can never drift apart again. Standard library
-only: the pipelines' compiler and the chart tests import it without the training stack.
+only (and the package's version): the pipelines' compiler and the chart tests import it without the
+training stack.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+
+import dicom_router
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,4 @@ class Resources:
 
 def component_image(registry: str) -> str:
     """The image every pipeline component runs in: the library at this exact version."""
-    import dicom_router
-
     return f"{registry.rstrip('/')}/components:{dicom_router.__version__}"

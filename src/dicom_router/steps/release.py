@@ -1,4 +1,4 @@
-"""Register the best candidate, run the promotion gate, promote, profile its drift reference, deploy."""
+"""Register the best candidate, run the promotion gate, promote, deploy the new champion."""
 
 from __future__ import annotations
 
