@@ -9,7 +9,9 @@
 #      (generated), helm install with infra/k8s/deploy-test-values.yaml; every Deployment Available
 #   4. a model: a seeded bundle exported here, uploaded to the in-cluster S3, the predictor enabled (helm upgrade)
 #   5. DICOM by C-STORE to the Orthanc Service; each instance classified by the predictor pod and
-#      delivered where the rules say (a destination Orthanc pod); the drift CronJob's job run once
+#      delivered where the rules say (a destination Orthanc pod); one compiled pipeline task run as a Job
+#      in the components image with the IR's command and Secret/ConfigMap wiring; the drift CronJob's
+#      job run once
 #
 # Needs root on the machine for the local cluster (../shared/k8s/README.md). Times of each phase are
 # printed at the end. Env: DEPLOY_TEST_KEEP=1 leaves the local cluster running (stop it with its down.sh).
@@ -22,8 +24,8 @@ RELEASE=dicom-router
 VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
 HELM="$REPO/.tools/helm3/helm"
 PY="$REPO/.venv/bin/python"
-WORK="${DEPLOY_TEST_WORK:-/dev/shm/dicom-router-deploy-test}"
-IMAGES=(orthanc predictor worker)
+WORK="${DEPLOY_TEST_WORK:-/var/tmp/dicom-router-deploy-test}"   # on disk: the components image is 7.5 GB
+IMAGES=(orthanc predictor worker components)
 T0=$(date +%s)
 declare -a TIMES=()
 phase() { TIMES+=("$(printf '%-28s %5ss' "$1" $(( $(date +%s) - PHASE_START )))"); PHASE_START=$(date +%s); }
@@ -139,6 +141,10 @@ DICOM_ROUTER_DEPLOY_TEST_PASSWORD="$DEST_PASSWORD" "$PY" infra/k8s/deploy_test.p
   --sample "$WORK/sample" --orthanc "$ORTHANC_IP" --destination "http://$DEST_IP:8042" \
   --namespace "$NS" --pod "$(kubectl -n "$NS" get pod -l app.kubernetes.io/component=orthanc -o name | head -1)"
 phase "route through the pods"
+log "one compiled pipeline task (plan-shards) as a Job in the components image, wired as the IR says"
+"$PY" infra/k8s/deploy_test.py step --namespace "$NS" --pipeline pipelines/compiled/training.yaml \
+  --task plan-shards --source s3://dicom-router/deploy-test/dicom
+phase "pipeline task as a Job"
 log "running the drift CronJob once"
 kubectl -n "$NS" create job drift-now --from="cronjob/$RELEASE-drift" >/dev/null
 "$PY" infra/k8s/deploy_test.py drift --namespace "$NS" --job drift-now

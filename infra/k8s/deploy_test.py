@@ -6,6 +6,8 @@ route    C-STORE the radiographs to the Orthanc Service; every SOP instance must
          the destination Orthanc pod, and the router's audit (read inside the worker container) must
          show each classified by the predictor pod and delivered to the rule's destination
 drift    the drift CronJob's job (started by the script) ends with the contract's exit code 0 or 3
+step     one compiled pipeline task as a Kubernetes Job: the components image, the IR's command and
+         arguments and exactly its Secret and ConfigMap wiring; its output must be the step's result
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import httpx
 import pydicom
+import yaml
 
 from dicom_router import LABELS
 from dicom_router.config import Settings
@@ -31,6 +34,7 @@ from dicom_router.storage import S3Store, open_store, upload_folder
 from dicom_router.synth import synthesize
 
 INSTANCES = 12
+SAMPLE_URI = "s3://dicom-router/deploy-test/dicom"
 
 
 def wait(what: str, done: Callable[[], bool], timeout_s: float = 600.0) -> None:
@@ -57,7 +61,10 @@ def publish(bundle_uri: str, sample: Path) -> None:
     store.ensure_bucket()
     upload_folder(bundle, store)
     synthesize(sample / "dicom", INSTANCES, sites=2, seed=7, long_side_px=64)
-    print(f"published {bundle_uri}; {INSTANCES} radiographs in {sample / 'dicom'}")
+    source = open_store(SAMPLE_URI, Settings())
+    for path in sorted((sample / "dicom").rglob("*.dcm")):  # the pipeline step's source
+        source.write(path.relative_to(sample / "dicom").as_posix(), path.read_bytes())
+    print(f"published {bundle_uri}; {INSTANCES} radiographs in {sample / 'dicom'} and {SAMPLE_URI}")
 
 
 def route(sample: Path, orthanc: str, destination: str, namespace: str, pod: str) -> None:
@@ -91,11 +98,7 @@ def route(sample: Path, orthanc: str, destination: str, namespace: str, pod: str
 
 
 def drift(namespace: str, job: str) -> None:
-    def finished() -> bool:
-        status: dict[str, Any] = json.loads(kubectl(namespace, "get", "job", job, "-o", "json"))["status"]
-        return bool(status.get("succeeded") or status.get("failed"))
-
-    wait(f"job {job}", finished)
+    wait(f"job {job}", lambda: job_finished(namespace, job))
     pods = json.loads(kubectl(namespace, "get", "pods", "-l", f"job-name={job}", "-o", "json"))["items"]
     codes = [
         s["state"]["terminated"]["exitCode"]
@@ -106,6 +109,112 @@ def drift(namespace: str, job: str) -> None:
     logs = kubectl(namespace, "logs", f"job/{job}")
     assert codes and set(codes) <= {0, 3}, f"drift exit codes {codes}:\n{logs[-3000:]}"
     print(f"drift job ran: exit {codes[0]} ({'alert' if codes[0] == 3 else 'no alert'})")
+
+
+def step(namespace: str, pipeline: Path, task: str, source: str) -> None:
+    """Run the ``plan-shards`` task of the compiled pipeline over ``source`` (the sample in the bucket)."""
+    ir, platform = list(yaml.safe_load_all(pipeline.read_text()))[:2]
+    executor = f"exec-{task}"
+    container = ir["deploymentSpec"]["executors"][executor]["container"]
+    wiring = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
+    env = [
+        {
+            "name": pair["envVar"],
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": secret["secretName"],
+                    "key": pair["secretKey"],
+                    "optional": secret.get("optional", False),
+                }
+            },
+        }
+        for secret in wiring["secretAsEnv"]
+        for pair in secret["keyToEnv"]
+    ] + [
+        {
+            "name": pair["envVar"],
+            "valueFrom": {
+                "configMapKeyRef": {
+                    "name": config["configMapName"],
+                    "key": pair["configMapKey"],
+                    "optional": config.get("optional", False),
+                }
+            },
+        }
+        for config in wiring["configMapAsEnv"]
+        for pair in config["keyToEnv"]
+    ]
+    executor_input = {
+        "inputs": {"parameterValues": {"source": source, "objects_per_shard": 5, "max_shards": 4}},
+        "outputs": {
+            "parameters": {"Output": {"outputFile": "/tmp/outputs/Output"}},
+            "outputFile": "/tmp/outputs/executor_output.json",
+        },
+    }
+    args = [json.dumps(executor_input) if a == "{{$}}" else a for a in container["args"]]
+    restricted = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    resources = {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"step-{task}"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+                    "initContainers": [
+                        {
+                            "name": "step",
+                            "image": container["image"],
+                            "imagePullPolicy": "Never",
+                            "command": container["command"],
+                            "args": args,
+                            "env": [*env, {"name": "HOME", "value": "/tmp"}],
+                            "resources": resources,
+                            "securityContext": restricted,
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        }
+                    ],
+                    "containers": [
+                        {
+                            "name": "outputs",
+                            "image": container["image"],
+                            "imagePullPolicy": "Never",
+                            "command": ["cat", "/tmp/outputs/executor_output.json"],
+                            "resources": resources,
+                            "securityContext": restricted,
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        }
+                    ],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                }
+            },
+        },
+    }
+    applied = subprocess.run(
+        ["kubectl", "-n", namespace, "apply", "-f", "-"], input=json.dumps(job), text=True, check=False
+    )
+    assert applied.returncode == 0, "the step's Job was refused"
+
+    wait(f"the {task} Job", lambda: job_finished(namespace, f"step-{task}"))
+    output = json.loads(kubectl(namespace, "logs", f"job/step-{task}", "-c", "outputs"))
+    plan = output["parameterValues"]["Output"]
+    assert plan == [{"index": i, "count": 3} for i in range(3)], output
+    print(f"pipeline task {task} ran as a Job in the components image: {plan}")
+
+
+def job_finished(namespace: str, job: str) -> bool:
+    status: dict[str, Any] = json.loads(kubectl(namespace, "get", "job", job, "-o", "json"))["status"]
+    return bool(status.get("succeeded") or status.get("failed"))
 
 
 def kubectl(namespace: str, *args: str) -> str:
@@ -127,6 +236,11 @@ def main(argv: list[str]) -> None:
     r.add_argument("--destination", required=True)
     r.add_argument("--namespace", required=True)
     r.add_argument("--pod", required=True)
+    t = steps.add_parser("step")
+    t.add_argument("--namespace", required=True)
+    t.add_argument("--pipeline", type=Path, required=True)
+    t.add_argument("--task", required=True)
+    t.add_argument("--source", required=True)
     d = steps.add_parser("drift")
     d.add_argument("--namespace", required=True)
     d.add_argument("--job", required=True)
@@ -135,6 +249,8 @@ def main(argv: list[str]) -> None:
         publish(args.bundle_uri, args.sample)
     elif args.step == "route":
         route(args.sample, args.orthanc, args.destination, args.namespace, args.pod)
+    elif args.step == "step":
+        step(args.namespace, args.pipeline, args.task, args.source)
     else:
         drift(args.namespace, args.job)
 
