@@ -117,33 +117,9 @@ def step(namespace: str, pipeline: Path, task: str, source: str) -> None:
     executor = f"exec-{task}"
     container = ir["deploymentSpec"]["executors"][executor]["container"]
     wiring = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
-    env = [
-        {
-            "name": pair["envVar"],
-            "valueFrom": {
-                "secretKeyRef": {
-                    "name": secret["secretName"],
-                    "key": pair["secretKey"],
-                    "optional": secret.get("optional", False),
-                }
-            },
-        }
-        for secret in wiring["secretAsEnv"]
-        for pair in secret["keyToEnv"]
-    ] + [
-        {
-            "name": pair["envVar"],
-            "valueFrom": {
-                "configMapKeyRef": {
-                    "name": config["configMapName"],
-                    "key": pair["configMapKey"],
-                    "optional": config.get("optional", False),
-                }
-            },
-        }
-        for config in wiring["configMapAsEnv"]
-        for pair in config["keyToEnv"]
-    ]
+    env = _from_refs(wiring["secretAsEnv"], "secretKeyRef", "secretName", "secretKey") + _from_refs(
+        wiring["configMapAsEnv"], "configMapKeyRef", "configMapName", "configMapKey"
+    )
     executor_input = {
         "inputs": {"parameterValues": {"source": source, "objects_per_shard": 5, "max_shards": 4}},
         "outputs": {
@@ -210,6 +186,21 @@ def step(namespace: str, pipeline: Path, task: str, source: str) -> None:
     plan = output["parameterValues"]["Output"]
     assert plan == [{"index": i, "count": 3} for i in range(3)], output
     print(f"pipeline task {task} ran as a Job in the components image: {plan}")
+
+
+def _from_refs(sources: list[dict[str, Any]], ref: str, name: str, key: str) -> list[dict[str, Any]]:
+    """The IR's ``secretAsEnv`` / ``configMapAsEnv`` entries as a container's ``env`` (what KFP's
+    launcher does with them)."""
+    return [
+        {
+            "name": pair["envVar"],
+            "valueFrom": {
+                ref: {"name": source[name], "key": pair[key], "optional": source.get("optional", False)}
+            },
+        }
+        for source in sources
+        for pair in source["keyToEnv"]
+    ]
 
 
 def job_finished(namespace: str, job: str) -> bool:
