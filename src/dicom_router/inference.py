@@ -7,8 +7,11 @@ what it sees in production.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +24,13 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from dicom_router import LABELS
+from dicom_router.config import Settings
 from dicom_router.dicom.decode import DecodedImage, decode_bytes
 from dicom_router.dicom.deid import acquisition_fields, pixel_spacing_mm
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.monitoring.features import image_statistics
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FILES = ("model.onnx", "labels.json", "preprocess.json", "card.json")
 VIEW_GROUPS = ("PA", "AP", "LAT", "OTHER")
@@ -243,6 +249,24 @@ class Bundle:
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         final = [r for r in results if r is not None]
         return final, elapsed_ms / max(done, 1)
+
+
+def bundle_at(uri: str, settings: Settings) -> Bundle:
+    """A bundle outside the registry: ``s3://`` (a version published to the bucket, what a plain
+    Deployment's predictor serves), downloaded once under ``data_dir/bundles``, or a local folder."""
+    if not uri.startswith("s3://"):
+        return Bundle(Path(uri))
+    from dicom_router.storage import download_folder, open_store
+
+    name = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    folder = settings.data_dir / "bundles" / name
+    if not folder.is_dir():  # a published version never changes: fetched once, whole or not at all
+        partial = folder.with_name(f"{name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        count = download_folder(open_store(uri, settings), partial)
+        partial.rename(folder)
+        log.info("downloaded %d bundle files from %s", count, uri)
+    return Bundle(folder)
 
 
 def check_labels(labels: Sequence[str]) -> None:

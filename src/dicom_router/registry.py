@@ -13,7 +13,6 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -23,7 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from dicom_router import LABELS
 from dicom_router.config import Settings
 from dicom_router.errors import ModelNotFound
-from dicom_router.inference import Bundle
+from dicom_router.inference import Bundle, bundle_at
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +73,9 @@ def model_version(settings: Settings, uri: str) -> ModelVersion:
 
 
 def load_bundle(settings: Settings, uri: str) -> Bundle:
-    """A MODEL_URI (MLflow URI or local bundle directory) → a runnable bundle."""
+    """A MODEL_URI (MLflow URI, ``s3://`` or local bundle directory) → a runnable bundle."""
     if not uri.startswith("models:/"):
-        return Bundle(Path(uri))
+        return bundle_at(uri, settings)
     version = model_version(settings, uri)
     target = settings.data_dir / "models" / version.name / str(version.version)
     if not (target / "model.onnx").is_file():

@@ -79,6 +79,9 @@ LOG_SCHEMA = pa.schema(
 """Every part file has exactly this schema; header columns have the catalog's names and types, so a
 catalog, a reference and the log compare column by column. No patient pseudonym, no free text."""
 _PART = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/part-(\d{8}T\d{2})Z-[^/]+\.parquet$")
+PART_HOUR = "%Y%m%dT%H"
+"""The UTC hour a part was written, in its name (``part_name``); a window's lost records are those of the
+parts written in it (``read_window``)."""
 LOST_KEY = b"dicom_router.lost"
 """Parquet key-value metadata of a part: how many records were lost (dropped when the queues were full
 or storage away, or not built because the instance could not be read) since the previous part was
@@ -199,7 +202,7 @@ def _table(records: list[Mapping[str, Any]], lost: int = 0) -> pa.Table:
 def part_name(day: date, now: datetime | None = None) -> str:
     """``date=YYYY-MM-DD/part-<UTC hour>-<uuid>.parquet``: sortable by the hour written (no finer, as
     the records' times), never colliding."""
-    stamp = coarse_time(now or datetime.now(UTC)).strftime("%Y%m%dT%HZ")
+    stamp = coarse_time(now or datetime.now(UTC)).strftime(f"{PART_HOUR}Z")
     return f"date={day.isoformat()}/part-{stamp}-{uuid.uuid4().hex[:12]}.parquet"
 
 
@@ -265,7 +268,7 @@ def read_window(
         day = date.fromisoformat(match.group(1))
         if (first is None or day >= first) and (last is None or day <= last):
             keys.append(info.key)
-            hours.append(datetime.strptime(match.group(2), "%Y%m%dT%H").replace(tzinfo=UTC))
+            hours.append(datetime.strptime(match.group(2), PART_HOUR).replace(tzinfo=UTC))
     if not keys:
         return LogWindow(records_frame([]))
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -13,16 +13,13 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
-import hashlib
 import logging
 import multiprocessing
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +32,8 @@ from prometheus_client import Counter, Histogram
 
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError, InvalidPixelData, NotDicom
-from dicom_router.inference import Bundle, Prepared, PreprocessConfig, metadata_vector, prepare
+from dicom_router.inference import Bundle, Prepared, PreprocessConfig, bundle_at, metadata_vector, prepare
 from dicom_router.serving.protocol import INPUT, MODEL_NAME
-from dicom_router.storage import download_folder, is_s3, open_store
 
 log = logging.getLogger(__name__)
 
@@ -332,23 +328,12 @@ class BodyPartModel(Model):  # type: ignore[misc]
         return self.ready
 
     def _resolve(self) -> Bundle:
-        """``models:/`` through the registry (MLflow loads only then); ``s3://`` (a bundle published to
-        the bucket, a plain Deployment's model) downloaded once; otherwise a local bundle folder."""
+        """``models:/`` through the registry (MLflow loads only then), else ``inference.bundle_at``."""
         if self.model_uri.startswith("models:/"):
             from dicom_router.registry import load_bundle
 
             return load_bundle(self.settings, self.model_uri)
-        if is_s3(self.model_uri):
-            name = hashlib.sha256(self.model_uri.encode()).hexdigest()[:16]
-            folder = self.settings.data_dir / "bundles" / name
-            if not folder.is_dir():  # a published version never changes: fetched once, whole or not at all
-                partial_dir = folder.with_name(f"{name}.partial")
-                shutil.rmtree(partial_dir, ignore_errors=True)
-                count = download_folder(open_store(self.model_uri, self.settings), partial_dir)
-                partial_dir.rename(folder)
-                log.info("downloaded %d bundle files from %s", count, self.model_uri)
-            return Bundle(folder)
-        return Bundle(Path(self.model_uri))
+        return bundle_at(self.model_uri, self.settings)
 
     def _swap(self, bundle: Bundle) -> None:
         previous = self.bundle
