@@ -16,11 +16,21 @@ def plan_shards(source: str, objects_per_shard: int, max_shards: int) -> list[di
     )
 
 
-def ingest_shard(source: str, labels_uri: str, index: int, count: int, part: Output[Dataset]) -> None:
+def ingest_shard(
+    source: str, labels_uri: str, reviewed_uri: str, index: int, count: int, part: Output[Dataset]
+) -> None:
     """De-identified part catalog (+ QA) of the objects of shard ``index`` of ``count``."""
     from dicom_router.steps import ingest, step_settings
 
-    ingest.ingest_shard(source, part.path, step_settings(), shard=index, count=count, labels_uri=labels_uri)
+    ingest.ingest_shard(
+        source,
+        part.path,
+        step_settings(),
+        shard=index,
+        count=count,
+        labels_uri=labels_uri,
+        reviewed_uri=reviewed_uri,
+    )
 
 
 def merge_catalog(

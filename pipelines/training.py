@@ -31,6 +31,7 @@ def build(base_image: str, resources: Resources) -> Any:
     def training(
         source: str,
         labels_uri: str = "",
+        reviewed_uri: str = "",
         catalog_uri: str = "",
         archs: list[str] = ["mobilenetv2_100", "resnet18", "efficientnet_b0"],  # noqa: B006 (KFP default)
         epochs: int = 0,
@@ -51,6 +52,8 @@ def build(base_image: str, resources: Resources) -> Any:
         Args:
             source: DICOM objects, ``s3://bucket/prefix``.
             labels_uri: ``labels.csv`` (file,label[,...]); empty means ``<source>/labels.csv``.
+            reviewed_uri: reviewers' labels to train with: the ``labels.csv`` of a ``review export``
+                placed under ``source`` (``label_source=review``, counted per site in MLflow); empty: none.
             catalog_uri: also write the merged catalog (+ ``.qa.json``) here; empty: only the artifact.
             archs: timm architectures to train, one GPU task each; ``a+b`` trains an ensemble.
             epochs: training epochs per candidate; 0: the recipe's.
@@ -72,7 +75,13 @@ def build(base_image: str, resources: Resources) -> Any:
         )
         with dsl.ParallelFor(plan.output, name="ingest-shards") as shard:
             part = pod(
-                c.ingest_shard(source=source, labels_uri=labels_uri, index=shard.index, count=shard.count),
+                c.ingest_shard(
+                    source=source,
+                    labels_uri=labels_uri,
+                    reviewed_uri=reviewed_uri,
+                    index=shard.index,
+                    count=shard.count,
+                ),
                 cpu=resources.cpu,
                 memory=resources.memory,
             )

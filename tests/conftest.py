@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 import yaml
 
@@ -81,21 +84,23 @@ def run_cli(
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An exported (untrained, seeded) 32 px model bundle: real ONNX, real preprocessing, fast."""
+def untrained_bundle(out: Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """An exported (untrained, seeded) model bundle: real ONNX, real preprocessing, fast."""
     import torch
 
     from dicom_router.inference import PreprocessConfig
     from dicom_router.models import BodyPartNet, export_bundle
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return export_bundle(
-        BodyPartNet("resnet18").eval(),
-        PreprocessConfig(image_size=32),
-        {"note": "test"},
-        tmp_path_factory.mktemp("bundle") / "b",
+        BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=image_size), {"note": "test"}, out
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 32 px untrained bundle."""
+    return untrained_bundle(tmp_path_factory.mktemp("bundle") / "b")
 
 
 DECODER_KILLER = b"KILL-THE-DECODER"
@@ -194,3 +199,46 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+def configure(monkeypatch: pytest.MonkeyPatch, rules: Path, document: dict[str, Any], **env: str) -> Settings:
+    rules.write_text(yaml.safe_dump(document))
+    monkeypatch.setenv("DICOM_ROUTER_ROUTE_RULES", str(rules))
+    for key, value in env.items():
+        monkeypatch.setenv(f"DICOM_ROUTER_{key.upper()}", value)
+    return Settings()
+
+
+def received_by(folder: Path) -> Counter[str]:
+    """How many times ``storescp`` received each SOP instance."""
+    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
+
+
+def storescp(folder: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
+    """dcmtk's receiver writing every object it gets to a file of its own: it never de-duplicates."""
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = ["storescp", "+xa", "--aetitle", aet, "--output-directory", str(folder), "--unique-filenames"]
+    argv.append(str(port))
+    return subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+
+
+PHI_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "StudyInstanceUID",
+    "SOPInstanceUID",
+)
+
+
+def phi_values(folder: Path) -> set[str]:
+    """Every identifier the source files hold, to look for in what the platform writes or serves."""
+    values = set()
+    for path in folder.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in PHI_KEYWORDS:
+            if ds.get(keyword):
+                values.add(str(ds.get(keyword)))
+    return values

@@ -19,7 +19,7 @@ from dicom_router.catalog import CATALOG_SCHEMA, ingest
 from dicom_router.config import Settings
 from dicom_router.storage import S3Store, open_store, upload_folder
 from dicom_router.synth import synthesize
-from tests.conftest import run_cli
+from tests.conftest import phi_values, run_cli
 
 CONTRACT_COLUMNS = [
     *("key", "size", "sop_uid_hash", "study_uid_hash", "series_uid_hash", "patient_hash", "site_id"),
@@ -36,17 +36,6 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _phi(folder: Path) -> set[str]:
-    """Every identifier the source files hold, to look for in what ingest writes."""
-    values = set()
-    for path in folder.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "SOPInstanceUID"):
-            if ds.get(keyword):
-                values.add(str(ds.get(keyword)))
-    return values
-
-
 def test_catalog_has_the_contract_columns_and_no_identifiers(synthetic: Path, settings: Settings) -> None:
     dest = settings.data_dir / "catalog.parquet"
     result = ingest(
@@ -57,10 +46,11 @@ def test_catalog_has_the_contract_columns_and_no_identifiers(synthetic: Path, se
     assert len(frame) == 40 and not result.errors
     assert set(frame["label"]) <= {"abdominal", "adult_chest", "pediatric_chest", "spine", "others"}
     assert frame["label"].notna().all() and frame["site"].notna().all()  # labels.csv's extra column carried
+    assert set(frame["label_source"]) == {"labels.csv"}  # no label_source column: the folder's labels
     assert frame["sop_uid_hash"].is_unique and frame["site_id"].nunique() == 3
     raw = dest.read_bytes() + (settings.data_dir / "catalog.parquet.qa.json").read_bytes()
     text = frame.astype(str).to_csv()
-    phi = _phi(synthetic)
+    phi = phi_values(synthetic)
     assert phi
     for value in phi:
         assert value not in text and value.encode() not in raw
@@ -122,6 +112,8 @@ def test_labels_that_do_not_match_are_reported(synthetic: Path, settings: Settin
     assert len(result.qa["labels"]["unlabelled"]) == 1
     assert result.qa["labels"]["labels_without_object"] == ["missing/file.dcm"]
     assert result.qa["labels"]["labelled"] == 38
+    unlabelled = result.catalog[result.catalog["label"].isna()]
+    assert len(unlabelled) == 2 and unlabelled["label_source"].isna().all()
 
 
 def test_ingest_from_s3_matches_ingest_from_the_folder(synthetic: Path, s3_settings: Settings) -> None:
@@ -194,3 +186,37 @@ def test_an_s3_outage_fails_the_ingest_as_a_storage_error_never_as_bad_dicom(
     assert result.stderr.startswith("error: storage: ") and "NotDicom" not in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "c.parquet").exists()
+
+
+def test_reviewed_labels_under_the_source_are_cataloged_as_reviews(
+    tmp_path: Path, settings: Settings
+) -> None:
+    source = tmp_path / "raw"
+    synthesize(source, 6, sites=2, seed=41, long_side_px=32)
+    synthesize(source / "reviewed", 2, sites=1, seed=42, long_side_px=32)
+    rows = list(csv.DictReader((source / "reviewed" / "labels.csv").open()))
+    with (source / "reviewed" / "labels.csv").open("w", newline="") as out:  # what `review export` writes
+        writer = csv.DictWriter(out, fieldnames=["file", "label", "label_source"])
+        writer.writeheader()
+        writer.writerows({"file": r["file"], "label": "others", "label_source": "review"} for r in rows)
+    result = ingest(
+        str(source),
+        str(tmp_path / "c.parquet"),
+        settings,
+        labels_uri=str(source / "labels.csv"),
+        reviewed_uri=str(source / "reviewed" / "labels.csv"),
+        progress=False,
+    )
+    frame = result.catalog.set_index("key")
+    reviewed = frame[frame.index.str.startswith("reviewed/")]
+    assert len(reviewed) == 2 and set(reviewed["label"]) == {"others"}
+    assert set(reviewed["label_source"]) == {"review"}
+    assert set(frame.drop(reviewed.index)["label_source"]) == {"labels.csv"} and len(frame) == 8
+    with pytest.raises(ValueError, match="must lie under the ingested source"):
+        ingest(
+            str(source / "reviewed"),
+            str(tmp_path / "d.parquet"),
+            settings,
+            reviewed_uri=str(tmp_path / "elsewhere" / "labels.csv"),
+            progress=False,
+        )

@@ -264,6 +264,9 @@ class _Answer:
     model_version: str
     embedding: np.ndarray | None
     statistics: dict[str, float] | None = None
+    shadow_label: str | None = None
+    shadow_confidence: float | None = None
+    shadow_version: str | None = None
 
 
 def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(

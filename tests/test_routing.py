@@ -32,7 +32,7 @@ from dicom_router.routing.rules import RoutingRules, Subject, decide
 from dicom_router.routing.worker import Router
 from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
-from tests.conftest import rules_for, run_cli, send, wait_until
+from tests.conftest import configure, received_by, rules_for, run_cli, send, storescp, wait_until
 from tests.dicom_factory import dicom_dataset
 
 
@@ -190,16 +190,6 @@ def test_dry_run_shows_the_rule_each_file_would_hit(tiny_bundle: Path, tmp_path:
     assert bad.returncode == 64
 
 
-def _configure(
-    monkeypatch: pytest.MonkeyPatch, rules: Path, document: dict[str, Any], **env: str
-) -> Settings:
-    rules.write_text(yaml.safe_dump(document))
-    monkeypatch.setenv("DICOM_ROUTER_ROUTE_RULES", str(rules))
-    for key, value in env.items():
-        monkeypatch.setenv(f"DICOM_ROUTER_{key.upper()}", value)
-    return Settings()
-
-
 def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_nothing_stalls(
     routed_stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
@@ -214,7 +204,7 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
     late_uid = str(pydicom.dcmread(late_file).SOPInstanceUID)
     when = {"tags": {"SOPInstanceUID": [late_uid]}}
     document["rules"].insert(0, {"name": "late", "when": when, "route": "late-pacs"})
-    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document, route_max_attempts="3")
+    settings = configure(monkeypatch, tmp_path / "rules.yaml", document, route_max_attempts="3")
     orthanc = stack.orthanc_client(settings)
     synthesize(tmp_path / "good", 50, sites=3, seed=11, long_side_px=64)
     (tmp_path / "poison").mkdir()
@@ -261,19 +251,6 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
         storescp.wait()
 
 
-def _received(folder: Path) -> Counter[str]:
-    """How many times ``storescp`` received each SOP instance."""
-    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
-
-
-def _storescp(folder: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
-    """dcmtk's receiver writing every object it gets to a file of its own: it never de-duplicates."""
-    folder.mkdir(parents=True, exist_ok=True)
-    argv = ["storescp", "+xa", "--aetitle", aet, "--output-directory", str(folder), "--unique-filenames"]
-    argv.append(str(port))
-    return subprocess.Popen(argv, stderr=subprocess.DEVNULL)
-
-
 def _counting_destination(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str
 ) -> tuple[Settings, subprocess.Popen[bytes]]:
@@ -284,8 +261,8 @@ def _counting_destination(
         "review": {"below_confidence": 0.0},
         "default": "pacs",
     }
-    settings = _configure(monkeypatch, tmp_path / "rules.yaml", document, **env)
-    return settings, _storescp(tmp_path / "received", port, "COUNTING")
+    settings = configure(monkeypatch, tmp_path / "rules.yaml", document, **env)
+    return settings, storescp(tmp_path / "received", port, "COUNTING")
 
 
 @pytest.mark.usefixtures("routed_stack")
@@ -314,7 +291,7 @@ def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exa
         stack.Process("router-b", settings).stop()
         receiver.terminate()
         receiver.wait()
-    received = _received(tmp_path / "received")
+    received = received_by(tmp_path / "received")
     sent = {
         str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         for batch in batches
@@ -358,7 +335,7 @@ def test_a_lost_store_answer_is_confirmed_from_orthancs_jobs_and_a_deleted_insta
     finally:
         receiver.terminate()
         receiver.wait()
-    received = _received(tmp_path / "received")
+    received = received_by(tmp_path / "received")
     assert sorted(received.values()) == [1, 1]  # each exactly once
     details = {h["instance_id"]: h["detail"] for h in queue.history() if h["outcome"] == "delivered"}
     assert "confirmed from Orthanc's job history" in details[sent_before_crash]

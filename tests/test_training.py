@@ -107,6 +107,9 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert decision.returncode in (0, 4), decision.stderr[-2000:]
     judged = json.loads(decision.stdout)
     assert judged["candidate"]["version"] == "3" and judged["champion"]["version"] == "1"
+    if judged["passed"]:  # a live deployment: the gate files a request, a person approves it
+        assert judged["promoted"] is False and len(judged["request"]) == 12
+    assert str(client.get_model_version_by_alias("bodypart-router", "champion").version) == "1"
 
     other = "1" if judged["promoted"] else "3"  # roll back, or override the gate's refusal
     forced = _json("promote", "--version", other, "--force")

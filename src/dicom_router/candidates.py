@@ -10,6 +10,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +71,15 @@ class Labelled:
         """The preprocessed images (decoded once, then read from the cache)."""
         return build_cache(self.frame, self.source, preprocess, settings, progress=progress)
 
+    def reviewed_by_site(self, sop_hashes: Sequence[str]) -> dict[str, int]:
+        """How many of these instances carry a reviewer's label (``label_source=review``), by site."""
+        if "label_source" not in self.frame.columns:
+            return {}
+        chosen = self.frame[
+            self.frame["sop_uid_hash"].isin(set(sop_hashes)) & (self.frame["label_source"] == "review")
+        ]
+        return {str(k): int(v) for k, v in Counter(chosen["site_id"].fillna("(none)")).items()}
+
     @property
     def fingerprint(self) -> str:
         """Which instances with which labels: the training data's identity, recorded with each model."""
@@ -85,7 +95,7 @@ def _root(uris: Sequence[str]) -> str:
         if len(set(segments)) != 1:
             break
         common.append(segments[0])
-    root = "/".join(common)
+    root = "/".join(common) or ("/" if full[0].startswith("/") else "")
     if not root or root.endswith(":") or root.endswith(":/"):
         raise ValueError(f"labelled folders {list(uris)} share no common parent folder or bucket")
     return root
@@ -294,6 +304,9 @@ def _publish(
         **({"catalog": shared.labelled.catalog} if shared.labelled.catalog else {}),
         **{f"n_{part}": len(images.keys) for part, images in shared.parts.items()},
     }
+    reviewed = shared.labelled.reviewed_by_site(shared.split.of("train"))
+    facts["reviewed_labels"] = sum(reviewed.values())
+    mlflow.log_dict(reviewed, "reviewed_sites.json")
     mlflow.log_params({**params, **facts, "temperature": f"{temperature:.4f}"})
     mlflow.log_param("temperature_from", "cross-validation" if "temperature" in calibration else "validation")
     mlflow.log_dict(json.loads(shared.split.to_json()), "split.json")

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -60,11 +61,16 @@ CATALOG_SCHEMA = pa.schema(
         ("age_years", pa.float64()),
         ("has_pixels", pa.bool_()),
         ("label", pa.string()),
+        ("label_source", pa.string()),
         ("content_hash", pa.string()),
         ("pixel_fingerprint", pa.string()),
     ]
 )
-"""The contract's columns plus a few more; ``label`` is null without ``--labels``."""
+"""The contract's columns plus a few more; ``label`` is null without ``--labels``; ``label_source`` says
+who gave the label: ``labels.csv`` (the folder's labels), or ``review`` (a reviewer's correction, from
+``review export``)."""
+
+LABEL_SOURCES = ("labels.csv", "review")
 
 REQUIRED_TAGS = (
     "SOPInstanceUID",
@@ -101,13 +107,16 @@ def ingest(
     settings: Settings,
     *,
     labels_uri: str | None = None,
+    reviewed_uri: str | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
 ) -> IngestResult:
     """Catalog every object under ``source`` into ``catalog_uri`` (local path or ``s3://``).
 
     ``shard=(index, count)`` catalogs only the objects ``shard_of`` puts in that shard (one task of a
-    fanned-out ingest); labels are still matched against every listed object.
+    fanned-out ingest); labels are still matched against every listed object. ``reviewed_uri``: the
+    ``labels.csv`` of a ``review export`` placed under ``source``; its labels (``label_source=review``)
+    apply to the objects beside it and take precedence.
     """
     store = open_store(source, settings)
     key = load_key(settings)
@@ -134,8 +143,10 @@ def ingest(
     missing: dict[str, list[str]] = {r["key"]: r.pop("_missing") for r in rows}
     same_pixels = pixel_duplicates(store, rows, {r["key"]: r.pop("_pixels") for r in rows})
     schema, labels_qa = CATALOG_SCHEMA, {}
-    if labels_uri:
-        labels = read_labels(labels_uri, settings)
+    if labels_uri or reviewed_uri:
+        labels = read_labels(labels_uri, settings) if labels_uri else {}
+        if reviewed_uri:
+            labels |= reviewed_labels(store.uri, reviewed_uri, settings)
         extras = _carried_columns(labels)
         labels_qa = _apply_labels(rows, labels, listed, extras)
         for column in extras.values():
@@ -228,6 +239,7 @@ def catalog_row(store: Store, key: bytes, info: ObjectInfo, range_bytes: int) ->
     row = {"key": info.key, "size": info.size, **deidentified_fields(key, ds)}
     row["has_pixels"] = header.has_pixels
     row["label"] = None
+    row["label_source"] = None
     row["content_hash"] = f"md5:{content_md5}" if content_md5 else None
     row["pixel_fingerprint"] = fingerprint
     row["_missing"] = [t for t in REQUIRED_TAGS if not str(ds.get(t, "")).strip()] + (
@@ -273,6 +285,22 @@ def read_labels(uri: str, settings: Settings) -> dict[str, dict[str, str]]:
     return {row["file"].strip().lstrip("./"): row for row in reader}
 
 
+def reviewed_labels(source: str, uri: str, settings: Settings) -> dict[str, dict[str, str]]:
+    """A reviewed folder's labels, keyed relative to ``source`` (the folder must be under it) and
+    marked ``label_source=review``."""
+    folder = uri.rstrip("/").rpartition("/")[0]
+    root = source.rstrip("/")
+    if "://" not in uri and "://" not in source:  # local folders: compare resolved paths
+        folder, root = str(Path(folder).resolve()), str(Path(root).resolve())
+    if not (folder == root or folder.startswith(root + "/")):
+        raise ValueError(f"{uri}: reviewed labels must lie under the ingested source {source}")
+    prefix = folder[len(root) :].strip("/")
+    return {
+        f"{prefix}/{file}" if prefix else file: {**row, "label_source": LABEL_SOURCES[1]}
+        for file, row in read_labels(uri, settings).items()
+    }
+
+
 CARRIED_COLUMNS = ("site", "source", "collection", "license", "view")
 """labels.csv columns the catalog carries: an allow-list, since free text (notes, names, record numbers
 a hospital export adds) must not leave ingest."""
@@ -298,6 +326,8 @@ def _apply_labels(
             unlabelled.append(row["key"])
         elif (label := entry["label"].strip()) in LABELS:
             row["label"] = label
+            given = (entry.get("label_source") or "").strip()
+            row["label_source"] = given if given in LABEL_SOURCES else LABEL_SOURCES[0]
         else:
             invalid.append({"key": row["key"], "label": label})
     return {

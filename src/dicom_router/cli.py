@@ -245,6 +245,11 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
     help="Labelled folder (DICOM + labels.csv), local or s3:// (repeatable)",
 )
 @click.option(
+    "--with-reviewed",
+    is_flag=True,
+    help="Add reviewers' labels (exported from the router's corrections; label_source=review)",
+)
+@click.option(
     "--collections",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CSV source,collection: sources that are one collection (a 'collection' column for --cv-by)",
@@ -309,6 +314,7 @@ def train(
     catalog: str | None,
     data_dirs: tuple[str, ...],
     collections: Path | None,
+    with_reviewed: bool,
     archs: tuple[str, ...],
     epochs: int,
     image_size: int,
@@ -341,6 +347,8 @@ def train(
 
     if (catalog is None) == (not data_dirs):
         raise click.UsageError("give exactly one of --catalog or --data")
+    if with_reviewed and catalog is not None:
+        raise click.UsageError("--with-reviewed adds a labelled folder: use it with --data")
     if recipe not in RECIPES:
         raise click.UsageError(f"no recipe {recipe!r}; known: {', '.join(RECIPES)}")
     settings = Settings()
@@ -379,6 +387,10 @@ def train(
             raise click.UsageError(str(exc)) from None
         if init is not None:
             log.info("%s starts from %s", config.arch, init.source)
+    if with_reviewed:
+        exported = _export_reviewed(settings, settings.data_dir / "reviewed")
+        log.info("%d reviewed instances added from %s", exported["exported"], exported["folder"])
+        data_dirs = (*data_dirs, exported["folder"]) if exported["exported"] else data_dirs
     labelled = load_labelled(settings, catalog=catalog, data=data_dirs, collections=collections)
     cv: dict[str, dict[str, Any]] = {}
     if cv_by:
@@ -495,31 +507,99 @@ def _print_report(title: str, report: dict[str, Any]) -> None:
 @click.option("--model", "name", help="Registered model name (default: the configured one)")
 @click.option("--version", help="The version to judge (default: the newest candidate)")
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses (rollback); recorded")
-@click.option("--history", "show_history", is_flag=True, help="Every gate decision so far")
+@click.option("--request", "request_version", metavar="VERSION", help="Run the gate; file a request")
+@click.option("--approve", metavar="REQUEST", help="Approve a request: champion moves (with --reviewer)")
+@click.option("--reject", metavar="REQUEST", help="Reject a request (with --reviewer)")
+@click.option("--shadow", "shadow_version", metavar="VERSION", help="Serve VERSION in shadow (challenger)")
+@click.option("--reviewer", help="Who approves, rejects or acts (recorded)")
+@click.option("--note", help="Why, for the record (with --approve / --reject)")
+@click.option("--history", "show_history", is_flag=True, help="Every gate decision, request and approval")
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-def promote(name: str | None, version: str | None, force: bool, show_history: bool, as_json: bool) -> int:
-    """The promotion gate: candidate vs champion on the candidate's test split; alias ``champion``."""
-    from dicom_router.promotion import promote as run_gate
-    from dicom_router.registry import history
+def promote(
+    name: str | None,
+    version: str | None,
+    force: bool,
+    request_version: str | None,
+    approve: str | None,
+    reject: str | None,
+    shadow_version: str | None,
+    reviewer: str | None,
+    note: str | None,
+    show_history: bool,
+    as_json: bool,
+) -> int:
+    """The promotion gate (candidate vs champion on the candidate's test split), approval-gated on a
+    live deployment; shadow deployment; the history of all of them."""
+    from dicom_router import promotion
+    from dicom_router.registry import RequestError, history
 
     settings = Settings()
     if name:
         settings = settings.model_copy(update={"registered_model": name})
+    modes = {
+        "--request": request_version,
+        "--approve": approve,
+        "--reject": reject,
+        "--shadow": shadow_version,
+        "--history": show_history,
+    }
+    chosen = [flag for flag, value in modes.items() if value]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)}: one at a time")
     if show_history:
-        decisions = history(settings)
+        entries = history(settings)
         if as_json:
-            _emit_json(decisions)
-        for d in [] if as_json else decisions:
-            verdict = "promoted" if d["promoted"] else "refused"
-            stdout.print(f"{d['at']} version {d['candidate']['version']}: {verdict} ({d['reason']})")
+            _emit_json(entries)
+        for d in [] if as_json else entries:
+            stdout.print(
+                f"{d['at']} version {d['candidate']['version']}: {_verdict(d)} ({d['reason']})",
+                highlight=False,
+                markup=False,
+            )
         return EXIT_OK
-    decision = run_gate(settings, version=version, force=force)
+    try:
+        if approve or reject:
+            if not reviewer:
+                raise click.UsageError("--approve and --reject need --reviewer NAME")
+            decision = promotion.settle(
+                settings, str(approve or reject), approve=bool(approve), reviewer=reviewer, note=note
+            )
+        elif shadow_version:
+            decision = promotion.shadow(settings, shadow_version, reviewer=reviewer)
+        else:
+            decision = promotion.promote(
+                settings,
+                version=request_version or version,
+                force=force,
+                request=request_version is not None,
+                reviewer=reviewer,
+            )
+    except RequestError as exc:
+        raise click.UsageError(str(exc)) from None
     if as_json:
         _emit_json(decision)
     else:
-        verdict = "promoted to champion" if decision["promoted"] else "refused"
-        stdout.print(f"version {decision['candidate']['version']} {verdict}: {decision['reason']}")
-    return EXIT_OK if decision["promoted"] else EXIT_GATE_REFUSED
+        stdout.print(
+            f"version {decision['candidate']['version']}: {_verdict(decision)} ({decision['reason']})",
+            highlight=False,
+            markup=False,
+        )
+    refused = decision.get("action", "gate") == "gate" and not decision.get("passed", decision["promoted"])
+    return EXIT_GATE_REFUSED if refused else EXIT_OK
+
+
+def _verdict(decision: dict[str, Any]) -> str:
+    """A history entry in words: what happened, by whom, under which request."""
+    action = decision.get("action", "gate")
+    if action == "gate":
+        what = "promoted" if decision["promoted"] else "refused"
+        if decision.get("request"):
+            what = "awaiting approval"
+    else:
+        what = {"request": "requested", "approve": "approved", "reject": "rejected"}.get(action, action)
+    who = f" by {decision['reviewer']}" if decision.get("reviewer") else ""
+    request = f" [request {decision['request']}]" if decision.get("request") else ""
+    return f"{what}{who}{request}"
 
 
 @app.command()
@@ -729,6 +809,149 @@ def _route_dry_run(
     return EXIT_BAD_INPUT if errors or any(r["error"] for r in records) else EXIT_OK
 
 
+@app.group()
+def review() -> None:
+    """The review worklist and reviewers' corrections (also the router's REST API under /review)."""
+
+
+@review.command("list")
+@click.option("--site", help="Only this site_id")
+@click.option("--suggest", "suggest_n", type=click.IntRange(min=1), help="The N instances to label next")
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def review_list(site: str | None, suggest_n: int | None, as_json: bool) -> int:
+    """Instances in review (low confidence, errors, conflicts, dead letters) that nobody labelled yet;
+    with --suggest N the auto-routed ones a label would teach the model most (lowest margin, by site)."""
+    from dicom_router.routing import review as worklist
+    from dicom_router.routing.queue import RoutingQueue
+
+    items = worklist.worklist(RoutingQueue(Settings().routing_queue), site=site, suggest_n=suggest_n)
+    entries = [worklist.entry(item) for item in items]
+    if as_json:
+        _emit_json(entries)
+    for e in [] if as_json else entries:
+        conf = "" if e["confidence"] is None else f" ({e['confidence']:.3f})"
+        why = e["reason"] or f"routed to {e['routed_to']}, margin {e['margin']:.3f}"
+        stdout.print(
+            f"{e['at']} {e['sop_hash'] or e['instance_id']} site={e['site_id']} "
+            f"{e['body_part'] or '-'}{conf}: {why}",
+            highlight=False,
+        )
+    return EXIT_OK
+
+
+def _correct(key: str, label: str | None, reviewer: str | None, note: str | None) -> int:
+    import getpass
+
+    from dicom_router.routing import review as worklist
+    from dicom_router.routing.queue import RoutingQueue
+
+    queue = RoutingQueue(Settings().routing_queue)
+    try:
+        correction = worklist.correct(
+            queue, key, label, reviewer=reviewer or getpass.getuser(), via="cli", note=note
+        )
+    except worklist.ReviewError as exc:
+        sys.stderr.write(f"{key}: {type(exc).__name__}: {exc}\n")
+        return EXIT_BAD_INPUT
+    stdout.print(
+        f"{key}: {correction['kind']} {correction['label']} (model said {correction['previous'] or '-'}); "
+        "the router forwards it where that label goes",
+        highlight=False,
+    )
+    return EXIT_OK
+
+
+@review.command("label")
+@click.argument("sop_hash")
+@click.argument("label")
+@click.option("--reviewer", help="Who labelled it [default: the login name]")
+@click.option("--note", help="Why, for the record")
+def review_label(sop_hash: str, label: str, reviewer: str | None, note: str | None) -> int:
+    """Label an instance (in review, or routed and found wrong); it is forwarded where LABEL routes."""
+    return _correct(sop_hash, label, reviewer, note)
+
+
+@review.command("accept")
+@click.argument("sop_hash")
+@click.option("--reviewer", help="Who checked it [default: the login name]")
+@click.option("--note", help="Why, for the record")
+def review_accept(sop_hash: str, reviewer: str | None, note: str | None) -> int:
+    """The model was right: the instance is forwarded where its predicted label routes."""
+    return _correct(sop_hash, None, reviewer, note)
+
+
+@review.command("export")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="JSON output")
+def review_export(out_dir: Path, as_json: bool) -> int:
+    """Reviewed instances (their newest label) as a labelled folder: DICOM from Orthanc and labels.csv
+    with label_source=review, for ingest and training (what train --with-reviewed does itself)."""
+    exported = _export_reviewed(Settings(), out_dir)
+    if as_json:
+        _emit_json(exported)
+    else:
+        stdout.print(
+            f"{exported['exported']} reviewed instances in {exported['folder']}"
+            + (f" ({exported['gone']} no longer in Orthanc)" if exported["gone"] else ""),
+            highlight=False,
+        )
+    return EXIT_OK
+
+
+def _export_reviewed(settings: Settings, out_dir: Path) -> dict[str, Any]:
+    from dicom_router import stack
+    from dicom_router.routing import review as worklist
+    from dicom_router.routing.queue import RoutingQueue
+
+    orthanc = stack.orthanc_client(settings)
+    return worklist.export(RoutingQueue(settings.routing_queue), orthanc.instance_file, out_dir)
+
+
+@app.command()
+@click.option("--since", default="7d", show_default=True, help="ISO time or 7d / 24h: the window compared")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), help="HTML page path")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
+def compare(since: str, out: Path | None, as_json: bool) -> int:
+    """Champion vs challenger on live traffic, per site and scanner: agreement, accuracy of each on
+    reviewed labels (bootstrap CIs), and a page of the instances they disagree on."""
+    from dicom_router import stack
+    from dicom_router.monitoring.compare import compare as compared
+    from dicom_router.monitoring.compare import write_report
+    from dicom_router.monitoring.inference_log import read_window
+    from dicom_router.orthanc.rest import InstanceGone, OrthancUnavailable
+    from dicom_router.routing.queue import RoutingQueue
+
+    settings = Settings()
+    start = _since(since)
+    moment = None if start is None else datetime.fromtimestamp(start, UTC)
+    queue = RoutingQueue(settings.routing_queue)
+    reviewed = {str(i.sop_hash): str(i.reviewed_label) for i in queue.finished() if i.reviewed_label}
+    document = compared(read_window(settings.inference_log, settings, since=moment).frame, reviewed, moment)
+    orthanc = stack.orthanc_client(settings)
+
+    def fetch(sop_hash: str) -> bytes | None:
+        item = queue.find(sop_hash)
+        try:
+            return None if item is None else orthanc.instance_file(item.instance_id)
+        except (InstanceGone, OrthancUnavailable):
+            return None
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    page = write_report(document, fetch, out or settings.data_dir / "compare" / f"{stamp}.html")
+    document["report_html"] = str(page)
+    if as_json:
+        _emit_json(document)
+    else:
+        o = document["overall"]
+        agreement = "–" if o["agreement"] is None else f"{o['agreement']:.1%}"
+        stdout.print(
+            f"{o['n']} instances answered by both; agreement {agreement}; {o['reviewed']} reviewed; "
+            f"{len(document['disagreements'])} disagreements; page: {page}",
+            highlight=False,
+        )
+    return EXIT_OK
+
+
 @app.command()
 @click.option(
     "--reference", required=True, help="models:/NAME@ALIAS or /VERSION, a catalog/reference Parquet, a log"
@@ -829,6 +1052,7 @@ def pipeline_compile(name: str | None) -> int:
 @click.option("--host", help="Kubeflow Pipelines endpoint (without --local; default DICOM_ROUTER_KFP_HOST)")
 @click.option("--prefix", help="DICOM objects, s3://bucket/prefix [default: s3://<bucket>/demo/raw]")
 @click.option("--labels", help="labels.csv [default: PREFIX/labels.csv]")
+@click.option("--reviewed", help="Reviewers' labels: the labels.csv of a review export under PREFIX")
 @click.option("--catalog", help="Also write the merged catalog here (local path or s3://)")
 @click.option("--arch", "archs", multiple=True, help="timm architecture, or an ensemble a+b (repeatable)")
 @click.option("--epochs", type=click.IntRange(min=1))
@@ -849,6 +1073,7 @@ def pipeline_run(
     host: str | None,
     prefix: str | None,
     labels: str | None,
+    reviewed: str | None,
     catalog: str | None,
     archs: tuple[str, ...],
     epochs: int | None,
@@ -874,6 +1099,7 @@ def pipeline_run(
     given = {
         "source": prefix or f"s3://{settings.s3_bucket}/demo/raw",
         "labels_uri": labels,
+        "reviewed_uri": reviewed,
         "catalog_uri": catalog,
         "archs": list(archs) or None,
         "epochs": epochs,
@@ -896,6 +1122,8 @@ def pipeline_run(
         stdout.print(f"{task.task:40} {task.seconds:8.1f} s", highlight=False)
     decision = run.decision
     verdict = "promoted" if decision and decision["promoted"] else "refused"
+    if decision and decision.get("request"):
+        verdict = f"awaiting approval (request {decision['request']})"
     reason = decision["reason"] if decision else "no decision"
     stdout.print(
         f"{name}: {run.wall_s:.1f} s; catalog {run.outputs.get('catalog')}; "

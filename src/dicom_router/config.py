@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -95,9 +96,16 @@ class Settings(BaseSettings):
     """Promotion gate: the most any class's recall may drop (absolute) against the champion."""
     gate_floor: float = 0.80
     """Promotion gate: the macro-F1 the first model must reach."""
+    promotion_approval: Literal["required", "auto"] = "required"
+    """``required``: once a champion exists, a passed gate files a request that a person approves
+    (``promote --approve``); ``auto``: a passed gate moves the champion at once."""
 
     model_uri: str | None = None
     """The model the server and router use; default ``models:/<registered_model>@champion``."""
+    shadow_model_uri: str | None = None
+    """The model the server runs in shadow beside it (answers logged, never routed by); default
+    ``models:/<registered_model>@challenger`` when the served model is the ``champion`` alias; ``none``
+    turns shadow off."""
     serve_port: int = 0
     """Port of the embedded model server; 0 picks a free one at first start and keeps it."""
     serve_host: str = "127.0.0.1"
@@ -157,8 +165,14 @@ class Settings(BaseSettings):
     route_port: int = 0
     """Where the router serves ``/health`` and ``/metrics`` (a pod binds its pod address); port 0 picks
     a free one."""
+    route_changes_poll_s: float = 30.0
+    """How often the router reads Orthanc's change log: instances the hook missed, and labels reviewers
+    set as ``BodyPartReviewed`` in Orthanc."""
     route_stuck_after_s: float = 600.0
     """``/health`` fails when routing made no pass, or an instance has been due, for this long."""
+    review_token: SecretStr | None = None
+    """Bearer token of the router's review API (``/review``); empty: the embedded stack generates one
+    (``secrets_dir``), a pod without it serves no review API."""
 
     inference_log_uri: str | None = None
     """Where the router logs one de-identified record per classified instance (Parquet parts, local or

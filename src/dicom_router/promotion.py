@@ -2,6 +2,11 @@
 
 Both candidate and champion are re-scored, through the serving code path, on the candidate's persisted
 test split, so the comparison is like for like whatever each model was trained on.
+
+On a live deployment (a champion exists) the policy ``promotion_approval=required`` turns a passed
+gate into a promotion *request*: a person approves (``approve``) or rejects it, and only an approval
+moves ``champion``. A forced promotion (rollback) is an operator's act and moves it at once; every one
+of these is in the history.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dicom_router.dicom.errors import DicomInputError
 from dicom_router.evaluate import evaluation_report
 from dicom_router.inference import Bundle, Prediction
 from dicom_router.registry import (
+    CHALLENGER,
+    RequestError,
     Scores,
     champion_version,
     decide,
@@ -26,8 +33,12 @@ from dicom_router.registry import (
     load_bundle,
     model_version,
     newest_candidate,
+    now,
+    pending_request,
     record_decision,
+    record_request,
     scores_from_report,
+    set_challenger,
 )
 from dicom_router.storage import open_store
 
@@ -79,10 +90,20 @@ def score(
 
 
 def promote(
-    settings: Settings, *, version: str | None = None, force: bool = False, record: bool = True
+    settings: Settings,
+    *,
+    version: str | None = None,
+    force: bool = False,
+    record: bool = True,
+    request: bool = False,
+    reviewer: str | None = None,
 ) -> dict[str, Any]:
     """Run the gate for ``version`` (default: the newest candidate) and record the decision
-    (``record=False``: only say what the gate would decide, e.g. for a pipeline's condition)."""
+    (``record=False``: only say what the gate would decide, e.g. for a pipeline's condition).
+
+    ``promoted`` says whether ``champion`` moved, ``passed`` what the gate said. A passed gate that
+    needs a person (``request``, or the approval policy on a live deployment) files a request instead
+    of moving the alias; its id is ``request``."""
     name = settings.registered_model
     candidate = (
         newest_candidate(settings)
@@ -94,9 +115,10 @@ def promote(
     source, items = locate(settings, bundle.card)
     candidate_scores = scores_from_report(str(candidate.version), score(bundle, source, items, settings))
     champion_scores: Scores | None = None
-    promoted, reason = False, ""
-    if champion is not None and champion.version == candidate.version:
-        promoted, reason = True, f"version {candidate.version} is already the champion: nothing changes"
+    passed, reason = False, ""
+    unchanged = champion is not None and champion.version == candidate.version
+    if unchanged:
+        passed, reason = True, f"version {candidate.version} is already the champion: nothing changes"
     else:
         if champion is not None:
             current = load_bundle(settings, f"models:/{name}/{champion.version}")
@@ -107,14 +129,77 @@ def promote(
                     str(champion.version), score(current, source, items, settings)
                 )
         if not reason:
-            promoted, reason = decide(
+            passed, reason = decide(
                 candidate_scores, champion_scores, margin=settings.gate_margin, floor=settings.gate_floor
             )
-    if force and not promoted:
-        promoted, reason = True, f"forced by an operator (the gate said: {reason})"
-    decision = decision_document(promoted, candidate_scores, champion_scores, reason, forced=force)
-    if record:
-        record_decision(settings, str(candidate.version), decision, promoted)
+    if force and not passed:
+        passed, reason = True, f"forced by an operator (the gate said: {reason})"
+    awaits = passed and not force and not unchanged and (request or needs_approval(settings, champion))
+    if awaits:
+        reason = f"the gate passed ({reason}); awaiting a person's approval"
+    decision = decision_document(
+        passed and not awaits, candidate_scores, champion_scores, reason, forced=force
+    )
+    decision |= {"passed": passed, "reviewer": reviewer}
+    if record and awaits:
+        decision["request"] = record_request(settings, str(candidate.version), decision)
+    elif record:
+        record_decision(settings, str(candidate.version), decision, bool(decision["promoted"]))
+    return decision
+
+
+def needs_approval(settings: Settings, champion: object | None) -> bool:
+    """The policy: a person approves anything that changes the champion of a live deployment."""
+    return settings.promotion_approval == "required" and champion is not None
+
+
+def settle(
+    settings: Settings, request: str, *, approve: bool, reviewer: str, note: str | None = None
+) -> dict[str, Any]:
+    """Approve (``champion`` moves to the request's version) or reject (it stays) a pending request,
+    recorded with who and why. An approval is refused when the champion changed since the request
+    was filed: its figures compare against another model, so it must be requested again."""
+    if not reviewer.strip():
+        raise RequestError("approving or rejecting needs --reviewer NAME")
+    filed = pending_request(settings, request)
+    if approve:
+        champion = champion_version(settings)
+        now_version = None if champion is None else str(champion.version)
+        then = (filed.get("champion") or {}).get("version")
+        if now_version != then:
+            raise RequestError(
+                f"request {request}: the champion changed since it was filed (then {then}, now "
+                f"{now_version}); run promote --request again"
+            )
+    verb = "approved" if approve else "rejected"
+    decision = filed | {
+        "action": "approve" if approve else "reject",
+        "promoted": approve,
+        "reviewer": reviewer.strip(),
+        "request": request,
+        "reason": f"{verb} by {reviewer.strip()}" + (f": {note}" if note else ""),
+        "at": now(),
+    }
+    record_decision(settings, str(filed["candidate"]["version"]), decision, approve)
+    return decision
+
+
+def shadow(settings: Settings, version: str, *, reviewer: str | None = None) -> dict[str, Any]:
+    """Put ``version`` in shadow (alias ``challenger``): served beside the champion, routing nothing."""
+    name = settings.registered_model
+    candidate = model_version(settings, f"models:/{name}/{version}")
+    champion = champion_version(settings)
+    decision = {
+        "action": "shadow",
+        "promoted": False,
+        "candidate": {"version": str(candidate.version)},
+        "champion": None if champion is None else {"version": str(champion.version)},
+        "reason": f"version {candidate.version} in shadow as {CHALLENGER}; it routes nothing",
+        "forced": False,
+        "reviewer": reviewer,
+        "at": now(),
+    }
+    set_challenger(settings, str(candidate.version), decision)
     return decision
 
 

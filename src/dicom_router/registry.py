@@ -1,9 +1,11 @@
 """MLflow: candidate runs, the registered model ``bodypart-router``, the promotion gate and its history.
 
 The embedded default is SQLite with artifacts in ``data_dir/mlflow``; a tracking server URI works the
-same. Every gate decision is written on the model version (tags) and as one run of the
-``bodypart-router-promotions`` experiment, an append-only log that answers "which model was in
-production when" from any client of the tracking server.
+same. Every gate decision, promotion request, approval, rejection and shadow deployment is written on
+the model version (tags) and as one run of the ``bodypart-router-promotions`` experiment, an
+append-only log that answers "which model was in production when, who approved it, on what evidence"
+from any client of the tracking server. A request's state is read from that log (a later run naming
+it approves or rejects it), never updated in place.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ log = logging.getLogger(__name__)
 CANDIDATES_EXPERIMENT = "bodypart-router-candidates"
 PROMOTIONS_EXPERIMENT = "bodypart-router-promotions"
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+ACTIONS = ("gate", "request", "approve", "reject", "shadow")
+"""What a history entry records (``action``); entries written before it existed are ``gate``."""
+
+
+class RequestError(ValueError):
+    """A promotion request that cannot be approved or rejected (unknown, already decided, stale)."""
 
 
 def connect(settings: Settings) -> MlflowClient:
@@ -165,17 +174,81 @@ def record_decision(settings: Settings, version: str, decision: dict[str, Any], 
     name = settings.registered_model
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "gate.decision", "promoted" if promoted else "refused")
-    client.set_model_version_tag(name, version, "gate.reason", decision["reason"])
-    client.set_model_version_tag(name, version, "gate.at", decision["at"])
-    with mlflow.start_run(experiment_id=experiment(settings, PROMOTIONS_EXPERIMENT), run_name=f"v{version}"):
-        mlflow.set_tags({"decision": json.dumps(decision), "promoted": str(promoted), "version": version})
+    action = str(decision.get("action", "gate"))
+    prefix = "gate" if action == "gate" else "approval"
+    verdict = {"gate": "promoted" if promoted else "refused", "approve": "approved", "reject": "rejected"}
+    client.set_model_version_tag(name, version, f"{prefix}.decision", verdict.get(action, action))
+    client.set_model_version_tag(name, version, f"{prefix}.reason", decision["reason"])
+    client.set_model_version_tag(name, version, f"{prefix}.at", decision["at"])
+    for key in ("reviewer", "request"):
+        if decision.get(key):
+            client.set_model_version_tag(name, version, f"{prefix}.{key}", str(decision[key]))
+    append_history(settings, version, decision)
+    log.info("%s version %s %s: %s", name, version, verdict.get(action, action), decision["reason"])
+
+
+def append_history(settings: Settings, version: str, decision: dict[str, Any]) -> str:
+    """One run of the promotions experiment holding ``decision``; returns the run id."""
+    connect(settings)
+    with mlflow.start_run(
+        experiment_id=experiment(settings, PROMOTIONS_EXPERIMENT), run_name=f"v{version}"
+    ) as run:
+        tags = {"decision": json.dumps(decision), "promoted": str(decision["promoted"]), "version": version}
+        tags["action"] = str(decision.get("action", "gate"))
+        if decision.get("request"):
+            tags["request"] = str(decision["request"])
+        mlflow.set_tags(tags)
         mlflow.log_dict(decision, "decision.json")
-    log.info("%s version %s %s: %s", name, version, "promoted" if promoted else "refused", decision["reason"])
+        return str(run.info.run_id)
+
+
+def record_request(settings: Settings, version: str, decision: dict[str, Any]) -> str:
+    """File a promotion request for ``version`` with the gate's figures; its id (what ``--approve``
+    takes) is the first 12 characters of its history run."""
+    run_id = append_history(settings, version, {**decision, "action": "request"})
+    request = run_id[:12]
+    client = connect(settings)
+    client.set_tag(run_id, "request", request)
+    client.set_tag(run_id, "decision", json.dumps({**decision, "action": "request", "request": request}))
+    name = settings.registered_model
+    client.set_model_version_tag(name, version, "approval.decision", "requested")
+    client.set_model_version_tag(name, version, "approval.request", request)
+    log.info("%s version %s: promotion requested (%s); awaiting approval", name, version, request)
+    return request
+
+
+def pending_request(settings: Settings, request: str) -> dict[str, Any]:
+    """The request's document, if nobody approved or rejected it yet."""
+    client = connect(settings)
+    found = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+    runs = (
+        []
+        if found is None
+        else client.search_runs([found.experiment_id], f"tags.request = '{request}'", max_results=1000)
+    )
+    documents = [json.loads(run.data.tags["decision"]) for run in runs if "decision" in run.data.tags]
+    filed = [d for d in documents if d.get("action") == "request"]
+    if not filed:
+        raise RequestError(f"no promotion request {request!r} (see promote --history)")
+    decided = [d for d in documents if d.get("action") in ("approve", "reject")]
+    if decided:
+        raise RequestError(
+            f"request {request} was already {decided[0]['action']}d by {decided[0].get('reviewer')}"
+        )
+    return dict(filed[0])
+
+
+def set_challenger(settings: Settings, version: str, decision: dict[str, Any]) -> None:
+    """Put ``version`` in shadow: alias ``challenger``, recorded in the history."""
+    client = connect(settings)
+    client.set_registered_model_alias(settings.registered_model, CHALLENGER, version)
+    client.set_model_version_tag(settings.registered_model, version, "shadow.at", decision["at"])
+    append_history(settings, version, decision)
+    log.info("%s version %s in shadow (alias %s)", settings.registered_model, version, CHALLENGER)
 
 
 def history(settings: Settings) -> list[dict[str, Any]]:
-    """Every gate decision, oldest first."""
+    """Every gate decision, request, approval, rejection and shadow deployment, oldest first."""
     client = connect(settings)
     found = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
     if found is None:
@@ -183,7 +256,11 @@ def history(settings: Settings) -> list[dict[str, Any]]:
     runs = client.search_runs(
         [found.experiment_id], order_by=["attributes.start_time ASC"], max_results=50_000
     )
-    return [json.loads(run.data.tags["decision"]) for run in runs if "decision" in run.data.tags]
+    return [
+        {"action": "gate", **json.loads(run.data.tags["decision"])}
+        for run in runs
+        if "decision" in run.data.tags
+    ]
 
 
 def now() -> str:

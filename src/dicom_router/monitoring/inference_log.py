@@ -74,10 +74,15 @@ LOG_SCHEMA = pa.schema(
         ("pred_label", pa.string()),
         ("confidence", pa.float64()),
         *((name, pa.float32()) for name in EMBEDDING_COLUMNS),
+        ("shadow_label", pa.string()),
+        ("shadow_confidence", pa.float64()),
+        ("shadow_version", pa.string()),
     ]
 )
 """Every part file has exactly this schema; header columns have the catalog's names and types, so a
-catalog, a reference and the log compare column by column. No patient pseudonym, no free text."""
+catalog, a reference and the log compare column by column. No patient pseudonym, no free text. The
+``shadow_*`` columns hold the challenger's answer when a model was in shadow (null otherwise; parts
+written before they existed read as null)."""
 _PART = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/part-(\d{8}T\d{2})Z-[^/]+\.parquet$")
 PART_HOUR = "%Y%m%dT%H"
 """The UTC hour a part was written, in its name (``part_name``); a window's lost records are those of the
@@ -128,6 +133,7 @@ def log_record(
     label, confidence = prediction
     record["pred_label"] = label
     record["confidence"] = float(confidence)
+    record.update(dict.fromkeys(("shadow_label", "shadow_confidence", "shadow_version")))
     if embedding is None:
         record.update(dict.fromkeys(EMBEDDING_COLUMNS, math.nan))
     else:
@@ -278,12 +284,20 @@ def read_window(
         for table, hour in zip(tables, hours, strict=True)
         if (since is None or hour >= _utc(since)) and (until is None or hour < _utc(until))
     )
-    frame: pd.DataFrame = pa.concat_tables([t.cast(LOG_SCHEMA) for t in tables]).to_pandas()
+    frame: pd.DataFrame = pa.concat_tables([_conform(t) for t in tables]).to_pandas()
     if since is not None:
         frame = frame[frame["at"] >= pd.Timestamp(_utc(since))]
     if until is not None:
         frame = frame[frame["at"] < pd.Timestamp(_utc(until))]
     return LogWindow(frame.sort_values("at", kind="stable").reset_index(drop=True), lost)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A part in ``LOG_SCHEMA``: columns a later release added are null in older parts."""
+    for column in LOG_SCHEMA:
+        if column.name not in table.column_names:
+            table = table.append_column(column.name, pa.nulls(len(table), column.type))
+    return table.select(LOG_SCHEMA.names).cast(LOG_SCHEMA)
 
 
 @dataclass
@@ -435,6 +449,15 @@ class Answer(Protocol):
     @property
     def embedding(self) -> npt.NDArray[np.float32] | None: ...
 
+    @property
+    def shadow_label(self) -> str | None: ...
+
+    @property
+    def shadow_confidence(self) -> float | None: ...
+
+    @property
+    def shadow_version(self) -> str | None: ...
+
 
 class InstanceLogger:
     """The routing worker's ``on_classified`` hook: ``(instance_id, dicom_bytes, answer)`` → log record.
@@ -484,6 +507,10 @@ class InstanceLogger:
                     ds, statistics = decoded.dataset, statistics_of(decoded)
                 prediction = (answer.label, answer.confidence)
                 record = log_record(ds, statistics, prediction, answer.embedding, version, at, key=self.key)
+                if answer.shadow_label is not None:
+                    record["shadow_label"] = answer.shadow_label
+                    record["shadow_confidence"] = answer.shadow_confidence
+                    record["shadow_version"] = f"{self.model_name}/{answer.shadow_version}"
                 self.log.append(record)
             except Exception:  # one odd instance must not stop logging the others
                 self.failed += 1

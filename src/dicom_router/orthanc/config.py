@@ -18,8 +18,10 @@ USER_METADATA = {
     "RoutedTo": 1027,
     "RoutingError": 1028,
     "BodyPartConflict": 1029,
+    "BodyPartReviewed": 1030,
 }
-"""The contract's instance metadata, plus ``BodyPartConflict`` on studies whose instances disagree."""
+"""The contract's instance metadata, plus ``BodyPartConflict`` on studies whose instances disagree and
+``BodyPartReviewed``, a reviewer's label (set in Orthanc Explorer, or by the router for a correction)."""
 
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 

@@ -1,27 +1,36 @@
-"""The router's health and Prometheus endpoint: what the stack, the chart's probes and a Prometheus
-read to know that routing moves (not merely that the process exists).
+"""The router's HTTP endpoint: health and Prometheus metrics (what the stack, the chart's probes and a
+Prometheus read to know that routing moves, not merely that the process exists), and the review API.
 
 ``/health`` answers 200 while the routing loop keeps making passes and no instance has been due for
 longer than ``route_stuck_after_s`` (a back-off delay is not "due", so a model-server outage never
 restarts the router); otherwise 503 with the reason. ``/metrics`` reads the queue at scrape time.
+``/review…`` (``review.api``) answers only a request bearing the deployment's review token
+(``Authorization: Bearer …``); without a configured token it is off (503).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_router.routing import review
 from dicom_router.routing.queue import QueueStats, RoutingQueue
 
 log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+"""A correction is a few fields: a larger body is refused unread."""
 
 
 def health(stats: QueueStats, last_pass_age_s: float, stuck_after_s: float) -> tuple[bool, str]:
@@ -81,6 +90,7 @@ class HealthServer:
         last_pass: Callable[[], float],
         stuck_after_s: float,
         extra: Callable[[], dict[str, float]] = dict,
+        review_token: str | None = None,
     ) -> None:
         registry = CollectorRegistry()
         registry.register(QueueCollector(queue, extra))
@@ -94,8 +104,45 @@ class HealthServer:
                     ok, reason = health(stats, time.monotonic() - last_pass(), stuck_after_s)
                     body = {"ok": ok, "reason": reason, "queue": stats.by_state}
                     self._answer(200 if ok else 503, json.dumps(body).encode(), "application/json")
+                elif self.path.startswith("/review"):
+                    self._review()
                 else:
                     self._answer(404, b"not found", "text/plain")
+
+            def do_POST(self) -> None:
+                if self.path.startswith("/review"):
+                    self._review()
+                else:
+                    self._answer(404, b"not found", "text/plain")
+
+            def _review(self) -> None:
+                status: int
+                document: object
+                if review_token is None:
+                    status, document = 503, {"error": "the review API is off: no review token is configured"}
+                elif not hmac.compare_digest(
+                    self.headers.get("Authorization", "").encode(), f"Bearer {review_token}".encode()
+                ):
+                    status, document = 401, {"error": "a review token is required (Authorization: Bearer …)"}
+                else:
+                    status, document = self._reviewed()
+                self._answer(status, json.dumps(document, default=str).encode(), "application/json")
+
+            def _reviewed(self) -> tuple[int, Any]:
+                url = urlsplit(self.path)
+                body = None
+                if self.command == "POST":
+                    size = int(self.headers.get("Content-Length") or 0)
+                    if size > MAX_BODY:
+                        return 413, {"error": f"body over {MAX_BODY} bytes"}
+                    try:
+                        body = json.loads(self.rfile.read(size) or b"null")
+                    except ValueError:
+                        return 400, {"error": "the body is not JSON"}
+                status, document = review.api(queue, self.command, url.path, dict(parse_qsl(url.query)), body)
+                if status == 200 and self.command == "POST":
+                    log.info("review: %s %s via the API", url.path.rsplit("/", 1)[-1], document["sop_hash"])
+                return status, document
 
             def _answer(self, status: int, body: bytes, kind: str) -> None:
                 self.send_response(status)

@@ -47,7 +47,11 @@ CREATE TABLE IF NOT EXISTS queue (
     sop_hash TEXT,
     lease_owner TEXT,
     lease_until REAL,
-    forward_started REAL
+    forward_started REAL,
+    site_id TEXT,
+    scanner_id TEXT,
+    margin REAL,
+    reviewed_label TEXT
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS queue_study ON queue (study_id);
@@ -66,9 +70,58 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS corrections (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    sop_hash TEXT,
+    site_id TEXT,
+    scanner_id TEXT,
+    kind TEXT NOT NULL,
+    label TEXT NOT NULL,
+    previous TEXT,
+    previous_confidence REAL,
+    previous_route TEXT,
+    model_version TEXT,
+    reviewer TEXT NOT NULL,
+    via TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS corrections_instance ON corrections (instance_id);
+CREATE TRIGGER IF NOT EXISTS corrections_append_only_update BEFORE UPDATE ON corrections
+BEGIN SELECT RAISE(ABORT, 'corrections are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS corrections_append_only_delete BEFORE DELETE ON corrections
+BEGIN SELECT RAISE(ABORT, 'corrections are append-only'); END;
 """
 
-ADDED_COLUMNS = {"sop_hash": "TEXT", "lease_owner": "TEXT", "lease_until": "REAL", "forward_started": "REAL"}
+CORRECTION_COLUMNS = (
+    "at",
+    "instance_id",
+    "sop_hash",
+    "site_id",
+    "scanner_id",
+    "kind",
+    "label",
+    "previous",
+    "previous_confidence",
+    "previous_route",
+    "model_version",
+    "reviewer",
+    "via",
+    "note",
+)
+"""A reviewer's correction, as stored (``seq`` aside): append-only, the table refuses updates and deletes."""
+
+ADDED_COLUMNS = {
+    "sop_hash": "TEXT",
+    "lease_owner": "TEXT",
+    "lease_until": "REAL",
+    "forward_started": "REAL",
+    "site_id": "TEXT",
+    "scanner_id": "TEXT",
+    "margin": "REAL",
+    "reviewed_label": "TEXT",
+}
 """Columns later releases added: a queue file written by an older router gains them on open."""
 
 COLUMNS = (
@@ -89,6 +142,10 @@ COLUMNS = (
     "done_at",
     "sop_hash",
     "forward_started",
+    "site_id",
+    "scanner_id",
+    "margin",
+    "reviewed_label",
 )
 
 
@@ -114,6 +171,12 @@ class Item:
     sop_hash: str | None
     forward_started: float | None
     """Set while a store is in flight: still set on a claimed row, the last store's outcome is unknown."""
+    site_id: str | None = None
+    scanner_id: str | None = None
+    margin: float | None = None
+    """The model's top probability minus the runner-up's: how unsure it was (review suggestions)."""
+    reviewed_label: str | None = None
+    """A reviewer's label: once set, the instance is routed by it (and no longer by the model)."""
 
     @property
     def classified(self) -> bool:
@@ -287,6 +350,63 @@ class RoutingQueue:
                 [(i,) for i in ids],
             )
         return ids
+
+    # --- review -----------------------------------------------------------------------------------
+    def find(self, key: str) -> Item | None:
+        """The row a SOP hash (or an Orthanc instance id) names."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE sop_hash = ? OR instance_id = ? LIMIT 1",
+                (key, key),
+            ).fetchone()
+        return Item(*row) if row else None
+
+    def finished(self, *, site: str | None = None) -> list[Item]:
+        """Rows routing is done with (delivered, kept, or dead letters), oldest first."""
+        where, args = "state IN ('done', 'dead')", tuple[str, ...]()
+        if site is not None:
+            where, args = (f"{where} AND site_id = ?", (site,))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM queue WHERE {where} ORDER BY enqueued_at", args
+            ).fetchall()
+        return [Item(*row) for row in rows]
+
+    def correct(self, instance_id: str, correction: dict[str, Any]) -> bool:
+        """Append ``correction`` and send the instance through routing again by its label, in one
+        transaction; False (nothing written) when routing is not done with the instance."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE queue SET reviewed_label = ?, state = 'pending', attempts = 0, next_attempt_at = 0, "
+                "done_at = NULL, last_error = NULL WHERE instance_id = ? AND state IN ('done', 'dead')",
+                (correction["label"], instance_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            db.execute(
+                f"INSERT INTO corrections ({', '.join(CORRECTION_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(CORRECTION_COLUMNS))})",
+                tuple(correction[name] for name in CORRECTION_COLUMNS),
+            )
+        return True
+
+    def corrections(self) -> list[dict[str, Any]]:
+        """Every correction, oldest first."""
+        with self._lock:
+            cursor = self._db.execute(
+                f"SELECT seq, {', '.join(CORRECTION_COLUMNS)} FROM corrections ORDER BY seq"
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def delivered_to(self, instance_id: str) -> set[str]:
+        """The destinations this instance has reached (a reviewed label never sends it twice)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT destination FROM audit WHERE instance_id = ? AND outcome = 'delivered'",
+                (instance_id,),
+            ).fetchall()
+        return {str(row[0]) for row in rows}
 
     def study_labels(self, study_id: str) -> set[str]:
         """Labels the model gave the study's instances so far (for the conflict flag)."""

@@ -371,19 +371,23 @@ def _route(rules: RoutingRules, rule: str, route: str) -> Decision:
     )
 
 
-def decide(rules: RoutingRules, subject: Subject) -> Decision:
+def decide(rules: RoutingRules, subject: Subject, *, reviewed: bool = False) -> Decision:
     """Where one instance goes: errors and low confidence to review, then the first matching rule, or default.
 
-    A label without a confidence counts as low confidence: nothing vouches for it.
+    A label without a confidence counts as low confidence: nothing vouches for it. A ``reviewed``
+    subject's label is a person's: rules that send to review are skipped (it has been reviewed), and
+    only a default of ``review`` leaves it there.
     """
-    if subject.error is not None:
+    if subject.error is not None and not reviewed:
         return _review(rules, "error")
-    if subject.body_part in LABELS and (
-        subject.confidence is None or subject.confidence < rules.review.below_confidence
+    if (
+        not reviewed
+        and subject.body_part in LABELS
+        and (subject.confidence is None or subject.confidence < rules.review.below_confidence)
     ):
         return _review(rules, "low-confidence")
     for rule in rules.rules:
-        if rule.when.matches(subject):
+        if not (reviewed and rule.route == REVIEW) and rule.when.matches(subject):
             return _route(rules, rule.name, rule.route)
     return _route(rules, "default", rules.default)
 

@@ -61,7 +61,7 @@ def drain(
 
 
 def run_forever(settings: Settings, rules: RoutingRules, endpoints: Endpoints) -> None:
-    """Route until SIGTERM, serving ``/health`` and ``/metrics`` meanwhile."""
+    """Route until SIGTERM, serving ``/health``, ``/metrics`` and the review API meanwhile."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -82,5 +82,6 @@ def run_forever(settings: Settings, rules: RoutingRules, endpoints: Endpoints) -
             last_pass=lambda: worker.last_pass,
             stuck_after_s=settings.route_stuck_after_s,
             extra=lost,
+            review_token=settings.review_token.get_secret_value() if settings.review_token else None,
         ):
             worker.run(stop)

@@ -7,7 +7,11 @@ unreachable) spends no attempt, a failure of the instance's own does, and after
 ``route_max_attempts`` it is a dead letter in review. The classification is kept on the queue row,
 so a retried forward never reclassifies, and the metadata writes are idempotent. A restart replays
 Orthanc's ``/changes`` log from the last position seen, so instances stored while the worker (or the
-hook) was away are found again.
+hook) was away are found again; the same log shows a reviewer's ``BodyPartReviewed`` set in Orthanc.
+
+An instance a reviewer labelled (``review.correct``) comes back with ``reviewed_label``: it is routed
+by that label (no model, no confidence threshold) and forwarded only to a destination it has not
+reached yet.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -29,8 +33,9 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_router import LABELS
 from dicom_router.config import Settings
-from dicom_router.dicom.deid import load_key, uid_hash
+from dicom_router.dicom.deid import load_key, scanner_id, site_id, uid_hash
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.orthanc.config import Peer
 from dicom_router.orthanc.rest import (
@@ -40,15 +45,18 @@ from dicom_router.orthanc.rest import (
     OrthancUnavailable,
     UnknownModality,
 )
+from dicom_router.routing import review
 from dicom_router.routing.eligibility import projection_radiograph
 from dicom_router.routing.queue import Item, RoutingQueue
-from dicom_router.routing.rules import REVIEW, UNROUTED, RoutingRules, Subject, decide
+from dicom_router.routing.rules import REVIEW, UNROUTED, Decision, RoutingRules, Subject, decide
 from dicom_router.serving.client import Classification, ModelClient, ModelFailed, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 CHANGES_SEQ = "orthanc_changes_seq"
-RECOVER_EVERY_S = 30.0
+REVIEWED = "BodyPartReviewed"
+"""The Orthanc metadata a reviewer sets on an instance to label it."""
+DESTINATIONS_CHECK_S = 30.0
 HEADER_KEYWORDS = ("SOPClassUID", "Modality", "NumberOfFrames")
 
 ClassificationHook = Callable[[str, bytes, Classification], None]
@@ -106,12 +114,18 @@ class Router:
         """Enqueue every instance Orthanc logged since the last position that the queue lacks."""
         seq = int(self.queue.get_state(CHANGES_SEQ) or 0)
         found: list[str] = []
+        relabelled: list[str] = []
         while True:
             page = self.orthanc.changes(seq)
             if int(page["Last"]) < seq:  # a new Orthanc database: its log starts again
                 seq = 0
                 continue
             found += [c["ID"] for c in page["Changes"] if c["ChangeType"] == "NewInstance"]
+            relabelled += [
+                c["ID"]
+                for c in page["Changes"]
+                if c["ChangeType"] == "UpdatedMetadata" and c["ResourceType"] == "Instance"
+            ]
             seq = int(page["Last"])
             if page["Done"]:
                 break
@@ -119,15 +133,36 @@ class Router:
         missing = [i for i in dict.fromkeys(found) if i not in known]
         for instance_id in missing:
             self.queue.enqueue(instance_id)
+        self._take_reviews(dict.fromkeys(relabelled))
         self.queue.set_state(CHANGES_SEQ, str(seq))
         self._last_recover = time.monotonic()
         if missing:
             log.info("recovered %d stored instances missing from the queue", len(missing))
         return len(missing)
 
+    def _take_reviews(self, instance_ids: Iterable[str]) -> None:
+        """Labels reviewers set as ``BodyPartReviewed`` in Orthanc on worklist instances become
+        corrections (the router's own metadata writes also show in the log: only worklist rows are read)."""
+        for instance_id in instance_ids:
+            item = self.queue.get(instance_id)
+            if item is None or not review.on_worklist(item):
+                continue
+            label = self.orthanc.metadata("instances", instance_id).get(REVIEWED)
+            if label is None:
+                continue
+            if label not in LABELS:
+                log.warning("%s: %s is not a label; expected one of %s", instance_id, REVIEWED, LABELS)
+                continue
+            try:
+                review.correct(self.queue, instance_id, label, reviewer="orthanc-explorer", via="orthanc")
+            except review.ReviewError as exc:
+                log.warning("%s: %s not taken: %s", instance_id, REVIEWED, exc)
+            else:
+                log.info("%s: labelled %s in Orthanc; routing it by that label", instance_id, label)
+
     def ensure_destinations(self) -> None:
         """Declare the rules' destinations in Orthanc (it forgets REST-declared modalities on restart)."""
-        if time.monotonic() - self._destinations_checked < RECOVER_EVERY_S:
+        if time.monotonic() - self._destinations_checked < DESTINATIONS_CHECK_S:
             return
         known = set(self.orthanc.modalities())
         for name, destination in self.rules.destinations.items():
@@ -141,7 +176,7 @@ class Router:
         while not stop.is_set():
             self.last_pass = time.monotonic()
             try:
-                if time.monotonic() - self._last_recover > RECOVER_EVERY_S:
+                if time.monotonic() - self._last_recover > self.settings.route_changes_poll_s:
                     self.recover()
                 handled = self.step()
             except OrthancUnavailable as exc:  # unreachable, or refusing our credentials: wait, never exit
@@ -258,8 +293,16 @@ class Router:
         data = self.orthanc.instance_file(item.instance_id)
         dataset = read_header(data)
         tags = header_tags(dataset, self._keywords)
-        if item.sop_hash is None:  # how ``route --replay`` and reviewers name it, without the UID
-            self.queue.update(item.instance_id, sop_hash=uid_hash(self._key, dataset, "SOPInstanceUID"))
+        if item.sop_hash is None:  # how ``route --replay`` and reviewers name it, without PHI
+            self.queue.update(
+                item.instance_id,
+                sop_hash=uid_hash(self._key, dataset, "SOPInstanceUID"),
+                site_id=site_id(self._key, dataset),
+                scanner_id=scanner_id(self._key, dataset),
+            )
+        if item.reviewed_label is not None:
+            self._route_reviewed(item, tags)
+            return
         if not item.classified:
             item = self._classify(item, data, tags)
         study_id = item.study_id or self.orthanc.parent_study(item.instance_id)
@@ -280,6 +323,25 @@ class Router:
             ),
         )
         self._write_metadata(item, decision.routed_to)
+        self._decided(item, decision)
+
+    def _route_reviewed(self, item: Item, tags: dict[str, str]) -> None:
+        """Route by the reviewer's label: a person vouches for it, so no threshold, error, study conflict
+        or review rule sends it back to review; a destination it already reached is not sent to again."""
+        calling_aet = self.orthanc.metadata("instances", item.instance_id).get("RemoteAET")
+        label = str(item.reviewed_label)
+        subject = Subject(body_part=label, confidence=1.0, tags=tags, calling_aet=calling_aet)
+        decision = decide(self.rules, subject, reviewed=True)
+        self.orthanc.set_metadata("instances", item.instance_id, REVIEWED, label)
+        self.orthanc.set_metadata("instances", item.instance_id, "RoutedTo", decision.routed_to)
+        detail = f"reviewed: {label}"
+        if decision.destination in self.queue.delivered_to(item.instance_id):
+            detail += f"; already delivered to {decision.destination}"
+            decision = replace(decision, destination=None)
+        self._decided(item, decision, detail)
+
+    def _decided(self, item: Item, decision: Decision, detail: str | None = None) -> None:
+        """Record the decision; forward at the end of this step, or finish when there is nowhere to go."""
         self.queue.update(
             item.instance_id,
             rule=decision.rule,
@@ -288,7 +350,7 @@ class Router:
         )
         decided = self.queue.get(item.instance_id)
         assert decided is not None
-        self.queue.audit(decided, "decided")
+        self.queue.audit(decided, "decided", detail)
         if decision.destination is None:
             self.queue.update(item.instance_id, state="done", done_at=time.time())
             self.queue.audit(decided, "kept", "no destination: stays in Orthanc")
@@ -310,9 +372,11 @@ class Router:
                 fields |= {"routing_error": f"{exc.type}: {exc.reason}"}
             else:
                 self._outages = 0
+                top, runner_up = sorted(answer.probabilities.values(), reverse=True)[:2]
                 fields |= {
                     "body_part": answer.label,
                     "confidence": answer.confidence,
+                    "margin": top - runner_up,
                     "model_version": answer.model_version,
                 }
                 if self.on_classified is not None:

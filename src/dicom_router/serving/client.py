@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dicom_router.dicom.errors import ERRORS_BY_TYPE, DicomInputError, NotDicom
-from dicom_router.serving.protocol import EXTRA_OUTPUTS, INPUT, MODEL_NAME, OUTPUTS
+from dicom_router.serving.protocol import EXTRA_OUTPUTS, INPUT, MODEL_NAME, OUTPUTS, SHADOW_OUTPUTS
 
 
 class ModelUnavailable(RuntimeError):
@@ -44,6 +44,10 @@ class Classification:
     embedding: npt.NDArray[np.float32] | None = None
     statistics: dict[str, float] | None = None
     """The image's grey-level facts from the server's decode (asked for with ``embedding``)."""
+    shadow_label: str | None = None
+    shadow_confidence: float | None = None
+    shadow_version: str | None = None
+    """The challenger's answer (asked for with ``embedding``), when a model is in shadow."""
 
 
 class ModelClient:
@@ -60,7 +64,7 @@ class ModelClient:
             return False
 
     def classify(self, data: bytes, *, path: str = "dicom", embedding: bool = False) -> Classification:
-        wanted = [*OUTPUTS, *EXTRA_OUTPUTS] if embedding else list(OUTPUTS)
+        wanted = [*OUTPUTS, *EXTRA_OUTPUTS, *SHADOW_OUTPUTS] if embedding else list(OUTPUTS)
         body = {
             "inputs": [
                 {
@@ -98,10 +102,23 @@ class ModelClient:
             model_version=str(result.get("model_version")),
             embedding=out["embedding"].reshape(-1).astype(np.float32) if embedding else None,
             statistics=parse_statistics(out.get("image_statistics")),
+            **_shadow(out),
         )
 
     def close(self) -> None:
         self.http.close()
+
+
+def _shadow(out: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
+    """The challenger's answer, when the server had one in shadow."""
+    if "shadow_label" not in out:
+        return {}
+    label, version = out["shadow_label"].reshape(-1)[0], out["shadow_version"].reshape(-1)[0]
+    return {
+        "shadow_label": label.decode() if isinstance(label, bytes) else str(label),
+        "shadow_confidence": float(out["shadow_confidence"].reshape(-1)[0]),
+        "shadow_version": version.decode() if isinstance(version, bytes) else str(version),
+    }
 
 
 def parse_statistics(output: npt.NDArray[Any] | None) -> dict[str, float] | None:

@@ -63,6 +63,15 @@ class Inputs:
     statistics: list[dict[str, float]] = field(default_factory=list)
     """Per DICOM input, its image's grey-level facts (none for tensor inputs)."""
     want_statistics: bool = False
+    shadow: Shadow | None = None
+    """The same request prepared for the challenger, when one is in shadow and the caller asked."""
+
+
+@dataclass
+class Shadow:
+    images: npt.NDArray[np.float32]
+    meta: npt.NDArray[np.float32]
+    bundle: Bundle
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Outputs:
     embedding: npt.NDArray[np.float32]
     bundle: Bundle
     inputs: Inputs
+    shadow_probabilities: npt.NDArray[np.float32] | None = None
 
 
 # --- payloads → DICOM bytes or tensors --------------------------------------------------------------
@@ -303,6 +313,15 @@ class Batcher:
 # --- the model --------------------------------------------------------------------------------------
 
 
+def shadow_uri(settings: Settings, model_uri: str) -> str | None:
+    """What runs in shadow: the configured URI (``none``: nothing), else the ``challenger`` alias when
+    the served model is the ``champion`` alias."""
+    if settings.shadow_model_uri:
+        return None if settings.shadow_model_uri.lower() == "none" else settings.shadow_model_uri
+    champion = f"models:/{settings.registered_model}@champion"
+    return f"models:/{settings.registered_model}@challenger" if model_uri == champion else None
+
+
 class BodyPartModel(Model):  # type: ignore[misc]
     """``bodypart-router``: loads the bundle of a MODEL_URI and follows its alias."""
 
@@ -310,7 +329,9 @@ class BodyPartModel(Model):  # type: ignore[misc]
         super().__init__(MODEL_NAME)
         self.settings = settings
         self.model_uri = model_uri or settings.model_uri or f"models:/{settings.registered_model}@champion"
+        self.shadow_uri = shadow_uri(settings, self.model_uri)
         self.bundle: Bundle | None = None
+        self.challenger: Bundle | None = None
         self.batcher = Batcher(settings.serve_max_batch_size, settings.serve_max_latency_ms / 1000.0)
         self.pool: DecodePool | None = None
         self.engine = True
@@ -322,18 +343,42 @@ class BodyPartModel(Model):  # type: ignore[misc]
 
         self.pool = self.pool or DecodePool(self.settings.serve_decode_workers)
         try:
-            self._swap(self._resolve())
+            self._swap(self._resolve(self.model_uri))
         except ModelNotFound as exc:
             log.warning("no model yet (%s); polling every %.0f s", exc, self.settings.model_poll_s)
+        self._follow_shadow()
         return self.ready
 
-    def _resolve(self) -> Bundle:
+    def _resolve(self, uri: str) -> Bundle:
         """``models:/`` through the registry (MLflow loads only then), else ``inference.bundle_at``."""
-        if self.model_uri.startswith("models:/"):
+        if uri.startswith("models:/"):
             from dicom_router.registry import load_bundle
 
-            return load_bundle(self.settings, self.model_uri)
-        return bundle_at(self.model_uri, self.settings)
+            return load_bundle(self.settings, uri)
+        return bundle_at(uri, self.settings)
+
+    def _follow_shadow(self) -> None:
+        """Load, swap or drop the challenger as its alias says (no alias: nothing in shadow)."""
+        from dicom_router.errors import ModelNotFound
+
+        if self.shadow_uri is None:
+            return
+        try:
+            if self.shadow_uri.startswith("models:/"):
+                from dicom_router.registry import model_version
+
+                version = str(model_version(self.settings, self.shadow_uri).version)
+                if self.challenger is not None and self.challenger.version == version:
+                    return
+            challenger = self._resolve(self.shadow_uri)
+        except ModelNotFound:
+            if self.challenger is not None:
+                log.info("shadow ended: %s no longer names a model", self.shadow_uri)
+            self.challenger = None
+            return
+        if self.challenger is None or self.challenger.version != challenger.version:
+            log.info("shadow: %s/%s answers beside the champion", challenger.name, challenger.version)
+        self.challenger = challenger
 
     def _swap(self, bundle: Bundle) -> None:
         previous = self.bundle
@@ -347,7 +392,10 @@ class BodyPartModel(Model):  # type: ignore[misc]
     async def start_engine(self) -> None:
         """The batcher and, for an MLflow alias, the alias poll: run inside the server's event loop."""
         tasks = [self.batcher.run()]
-        if self.model_uri.startswith("models:/") and "@" in self.model_uri:
+        aliases = [
+            u for u in (self.model_uri, self.shadow_uri) if u and u.startswith("models:/") and "@" in u
+        ]
+        if aliases:
             tasks.append(self._follow_alias())
         await asyncio.gather(*tasks)
 
@@ -358,9 +406,11 @@ class BodyPartModel(Model):  # type: ignore[misc]
         while True:
             await asyncio.sleep(self.settings.model_poll_s)
             try:
-                version = await loop.run_in_executor(None, model_version, self.settings, self.model_uri)
-                if self.bundle is None or str(version.version) != self.bundle.version:
-                    self._swap(await loop.run_in_executor(None, self._resolve))
+                if "@" in self.model_uri:
+                    version = await loop.run_in_executor(None, model_version, self.settings, self.model_uri)
+                    if self.bundle is None or str(version.version) != self.bundle.version:
+                        self._swap(await loop.run_in_executor(None, self._resolve, self.model_uri))
+                await loop.run_in_executor(None, self._follow_shadow)
             except Exception as exc:  # the registry being away must not stop serving the current model
                 log.warning("alias poll of %s failed: %s", self.model_uri, exc)
 
@@ -401,6 +451,7 @@ class BodyPartModel(Model):  # type: ignore[misc]
             tensor = np.stack(arrays) if arrays else None
             want_embedding = isinstance(payload, dict) and bool(payload.get("embedding"))
             want_statistics, v2, request_id = False, False, None
+            asked = set()
         statistics: list[dict[str, float]] = []
         try:
             if tensor is not None:
@@ -415,15 +466,32 @@ class BodyPartModel(Model):  # type: ignore[misc]
             REJECTED.labels(type=exc.type).inc()
             raise
         wanted = want_statistics and bool(statistics)
-        return Inputs(images, meta, bundle, v2, request_id, want_embedding, statistics, wanted)
+        shadow = None
+        challenger = self.challenger
+        if v2 and "shadow_label" in asked and challenger is not None:
+            if challenger.preprocess == config:
+                shadow = Shadow(images, meta, challenger)
+            elif items:  # prepared as the challenger was trained (a failure here is the champion's too)
+                again = await self.pool.prepare_all(
+                    items, challenger.preprocess, self.settings.max_image_pixels
+                )
+                shadow = Shadow(
+                    np.stack([p.image for p in again]), np.stack([p.meta for p in again]), challenger
+                )
+        return Inputs(images, meta, bundle, v2, request_id, want_embedding, statistics, wanted, shadow)
 
     async def predict(
         self,
         inputs: Inputs,
         headers: dict[str, str] | None = None,  # noqa: ARG002  (KServe's signature)
     ) -> Outputs:
-        probabilities, embedding = await self.batcher.submit(inputs.images, inputs.meta, inputs.bundle)
-        return Outputs(probabilities, embedding, inputs.bundle, inputs)
+        champion = self.batcher.submit(inputs.images, inputs.meta, inputs.bundle)
+        if inputs.shadow is None:
+            probabilities, embedding = await champion
+            return Outputs(probabilities, embedding, inputs.bundle, inputs)
+        shadow = self.batcher.submit(inputs.shadow.images, inputs.shadow.meta, inputs.shadow.bundle)
+        (probabilities, embedding), (challenger, _) = await asyncio.gather(champion, shadow)
+        return Outputs(probabilities, embedding, inputs.bundle, inputs, challenger)
 
     async def postprocess(
         self,
@@ -466,6 +534,14 @@ class BodyPartModel(Model):  # type: ignore[misc]
         if outputs.inputs.want_statistics:
             documents = [orjson.dumps(st).decode() for st in outputs.inputs.statistics]
             result.append(InferOutput("image_statistics", [n], "BYTES", documents))
+        if outputs.inputs.shadow is not None and outputs.shadow_probabilities is not None:
+            challenger = outputs.inputs.shadow.bundle
+            answers = [challenger.prediction(row) for row in outputs.shadow_probabilities]
+            result += [
+                InferOutput("shadow_label", [n], "BYTES", [a.label for a in answers]),
+                InferOutput("shadow_confidence", [n], "FP32", [a.confidence for a in answers]),
+                InferOutput("shadow_version", [n], "BYTES", [challenger.version] * n),
+            ]
         return InferResponse(
             outputs.inputs.request_id or "",
             MODEL_NAME,

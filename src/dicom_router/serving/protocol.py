@@ -11,3 +11,6 @@ OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
 """What every answer has; ``EXTRA_OUTPUTS`` only when asked for."""
 EXTRA_OUTPUTS = ("embedding", "image_statistics")
 """The bundle's embedding and the decoded image's statistics (the inference log's inputs)."""
+SHADOW_OUTPUTS = ("shadow_label", "shadow_confidence", "shadow_version")
+"""The challenger's answer when a model is in shadow (alias ``challenger``): logged, never routed by;
+absent from the answer when no challenger is loaded."""

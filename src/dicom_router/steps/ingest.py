@@ -44,15 +44,24 @@ def plan_shards(
 
 
 def ingest_shard(
-    source: str, out_dir: str, settings: Settings, *, shard: int, count: int, labels_uri: str = ""
+    source: str,
+    out_dir: str,
+    settings: Settings,
+    *,
+    shard: int,
+    count: int,
+    labels_uri: str = "",
+    reviewed_uri: str = "",
 ) -> IngestResult:
-    """One shard's part catalog (and its QA) in ``out_dir``; labels default to ``<source>/labels.csv``."""
+    """One shard's part catalog (and its QA) in ``out_dir``; labels default to ``<source>/labels.csv``;
+    ``reviewed_uri``: reviewers' labels (a ``review export`` under ``source``), ``label_source=review``."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return ingest(
         source,
         f"{out_dir}/{CATALOG_FILE}",
         settings,
         labels_uri=labels_uri or f"{source.rstrip('/')}/labels.csv",
+        reviewed_uri=reviewed_uri or None,
         progress=False,
         shard=(shard, count),
     )
