@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,47 @@ def test_the_policy_decides_whether_a_passed_gate_moves_the_champion_of_a_live_d
     )  # the first model: no one routes yet
     connect(configured).set_registered_model_alias("bodypart-router", "champion", "1")
     assert needs_approval(configured, champion_version(configured)) is not champion_moves
+
+
+@pytest.mark.usefixtures("settings")
+def test_a_request_carries_the_candidates_shadow_record_and_the_champions_drift_verdict(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_router.monitoring.inference_log import LOG_SCHEMA, InferenceLog
+    from dicom_router.promotion import live_evidence, shadow
+    from dicom_router.registry import champion_version, model_version
+
+    monkeypatch.setenv("DICOM_ROUTER_INFERENCE_LOG_URI", str(tmp_path / "inference-log"))
+    configured = Settings()
+    for _ in range(2):
+        _register(configured, tiny_bundle, tmp_path)
+    client = connect(configured)
+    client.set_registered_model_alias("bodypart-router", "champion", "1")
+    client.set_model_version_tag("bodypart-router", "1", "drift.alert", "true")
+    assert live_evidence(configured, model_version(configured, "models:/bodypart-router/2"), None) == {
+        "shadow": None,  # never in shadow: no live record to show
+        "drift": None,
+    }
+    shadow(configured, "2")
+    log = InferenceLog(configured.inference_log, configured)
+    answers = [("spine", "spine"), ("spine", "others"), ("abdominal", "abdominal"), ("others", "others")]
+    for i, (champion, challenger) in enumerate(answers):
+        record = dict.fromkeys(LOG_SCHEMA.names) | {
+            "at": datetime.now(UTC),
+            "model_version": "bodypart-router/1",
+            "sop_uid_hash": f"h{i}",
+            "site_id": "s1",
+            "scanner_id": "x",
+            "pred_label": champion,
+            "confidence": 0.9,
+            "shadow_label": challenger,
+            "shadow_confidence": 0.8,
+            "shadow_version": "bodypart-router/2",
+        }
+        log.append(record)
+    log.close()
+    candidate = model_version(configured, "models:/bodypart-router/2")
+    evidence = live_evidence(configured, candidate, champion_version(configured))
+    assert evidence["shadow"]["overall"]["n"] == 4 and evidence["shadow"]["overall"]["agreement"] == 0.75
+    assert evidence["shadow"]["groups"][0]["by"] == {"site_id": "s1", "scanner_id": "x"}
+    assert evidence["drift"] == {"alert": "true"}

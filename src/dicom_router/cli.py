@@ -920,12 +920,13 @@ def compare(since: str, out: Path | None, as_json: bool) -> int:
     from dicom_router.monitoring.inference_log import read_window
     from dicom_router.orthanc.rest import InstanceGone, OrthancUnavailable
     from dicom_router.routing.queue import RoutingQueue
+    from dicom_router.routing.review import reviewed_labels
 
     settings = Settings()
     start = _since(since)
     moment = None if start is None else datetime.fromtimestamp(start, UTC)
     queue = RoutingQueue(settings.routing_queue)
-    reviewed = {str(i.sop_hash): str(i.reviewed_label) for i in queue.finished() if i.reviewed_label}
+    reviewed = reviewed_labels(queue)
     document = compared(read_window(settings.inference_log, settings, since=moment).frame, reviewed, moment)
     orthanc = stack.orthanc_client(settings)
 

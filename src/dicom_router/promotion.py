@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from mlflow.entities.model_registry import ModelVersion
 
 from dicom_router import LABELS
 from dicom_router.catalog import ingest, read_catalog
@@ -23,6 +25,8 @@ from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.evaluate import evaluation_report
 from dicom_router.inference import Bundle, Prediction
+from dicom_router.monitoring.compare import compare
+from dicom_router.monitoring.inference_log import read_window
 from dicom_router.registry import (
     CHALLENGER,
     RequestError,
@@ -40,6 +44,7 @@ from dicom_router.registry import (
     scores_from_report,
     set_challenger,
 )
+from dicom_router.routing.queue import RoutingQueue
 from dicom_router.storage import open_store
 
 
@@ -142,10 +147,50 @@ def promote(
     )
     decision |= {"passed": passed, "reviewer": reviewer}
     if record and awaits:
+        decision["evidence"] = live_evidence(settings, candidate, champion)
         decision["request"] = record_request(settings, str(candidate.version), decision)
     elif record:
         record_decision(settings, str(candidate.version), decision, bool(decision["promoted"]))
     return decision
+
+
+SHADOW_WINDOW = timedelta(days=7)
+"""How far back a request looks for the candidate's answers in shadow."""
+
+
+def live_evidence(
+    settings: Settings, candidate: ModelVersion, champion: ModelVersion | None
+) -> dict[str, Any]:
+    """What a request shows beside the held-out figures: the candidate's record in shadow over the last
+    week (agreement with the champion and accuracy of both on reviewed labels, per site and scanner;
+    reviewed labels where the routing queue is at hand) and the champion's latest drift verdict."""
+    shadow: dict[str, Any] | None = None
+    if "shadow.at" in candidate.tags:
+        since = datetime.now(UTC) - SHADOW_WINDOW
+        try:
+            records = read_window(settings.inference_log, settings, since=since).frame
+        except Exception as exc:  # the figures are evidence for a person: say they are missing, go on
+            shadow = {"error": f"{exc.__class__.__name__}: {exc}"}
+        else:
+            mine = records[records["shadow_version"] == f"{candidate.name}/{candidate.version}"]
+            reviewed = {}
+            if settings.routing_queue.is_file():
+                queue = RoutingQueue(settings.routing_queue)
+                reviewed = {
+                    str(i.sop_hash): str(i.reviewed_label) for i in queue.finished() if i.reviewed_label
+                }
+            document = compare(mine, reviewed, since)
+            shadow = {
+                "since": document["since"],
+                "overall": document["overall"],
+                "groups": document["groups"],
+            }
+    drift = None
+    if champion is not None:
+        drift = {
+            k.removeprefix("drift."): v for k, v in champion.tags.items() if k.startswith("drift.")
+        } or None
+    return {"shadow": shadow, "drift": drift}
 
 
 def needs_approval(settings: Settings, champion: object | None) -> bool:

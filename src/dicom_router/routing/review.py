@@ -106,6 +106,13 @@ def worklist(queue: RoutingQueue, *, site: str | None = None, suggest_n: int | N
     return [item for item in finished if on_worklist(item)]
 
 
+def reviewed_labels(queue: RoutingQueue) -> dict[str, str]:
+    """Each reviewed instance's newest label, by SOP hash (the inference log's ``sop_uid_hash``)."""
+    return {
+        str(i.sop_hash): str(i.reviewed_label) for i in queue.finished() if i.reviewed_label and i.sop_hash
+    }
+
+
 def correct(
     queue: RoutingQueue,
     key: str,
