@@ -7,10 +7,12 @@
    to the confirmed delivery, and sustained throughput.
 3. The model server's images/s (HTTP + base64 + decode in its workers) vs ``predict`` in-process on
    the same files: the overhead ratio.
+4. Shadow (``--only shadow``): 2. without and then with a challenger in shadow (the same model run a
+   second time per instance, both answers logged): the latency and throughput ratios (target <= 1.3x).
 
 Files: ../shared/xray-real (real radiographs) when present, else synthetic.
 
-    .venv/bin/python bench/routing.py [--rounds 3] [--image-size 256] [--bundle DIR] [--only routed]
+    .venv/bin/python bench/routing.py [--rounds 3] [--image-size 256] [--bundle DIR] [--only routed|shadow]
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def hook_overhead(source: Path, work: Path, rounds: int) -> None:
         stack.Process(name, settings).stop()
 
 
-def routed_latency(settings: Settings, source: Path, work: Path) -> None:
+def routed_latency(settings: Settings, source: Path, work: Path, title: str = "") -> dict[str, float]:
+    work.mkdir(parents=True, exist_ok=True)
     destination = stack.destination_up(settings, name="destination", aet="DEST")
     rules = work / "rules.yaml"
     where = {"host": stack.HOST, "port": destination["dicom_port"]}
@@ -119,7 +122,7 @@ def routed_latency(settings: Settings, source: Path, work: Path) -> None:
     )
     latencies = np.array([done - queued for queued, done in rows])
     span = max(d for _, d in rows) - min(q for q, _ in rows)
-    print(f"\n2. ingest → routed (hook enqueue to confirmed delivery), {n} instances in one dcmsend")
+    print(f"\n2. ingest → routed{title} (hook enqueue to confirmed delivery), {n} instances in one dcmsend")
     print(f"   latency p50 {np.percentile(latencies, 50):.2f} s, p99 {np.percentile(latencies, 99):.2f} s")
     print(f"   sustained throughput {n / span:.1f} instances/s ({span:.1f} s for {n})")
     single = []
@@ -137,6 +140,32 @@ def routed_latency(settings: Settings, source: Path, work: Path) -> None:
     )
     stack.Process("router", settings).stop()
     stack.Process("destination", settings).stop()
+    return {
+        "p50": float(np.percentile(latencies, 50)),
+        "throughput": n / span,
+        "single_p50": float(np.median(single)),
+    }
+
+
+def shadow_overhead(settings: Settings, source: Path, work: Path, bundle_dir: Path) -> None:
+    """Routing without, then with, a challenger in shadow (the same bundle, so the model's work doubles)."""
+    plain = routed_latency(settings, source, work / "plain", " without shadow")
+    stack.Process("model_server", settings).stop()
+    os.environ["DICOM_ROUTER_SHADOW_MODEL_URI"] = str(bundle_dir)
+    shadowed = settings.model_copy(update={"shadow_model_uri": str(bundle_dir)})
+    stack.model_server_up(shadowed)
+    wait_ready(shadowed)
+    with_shadow = routed_latency(shadowed, source, work / "shadow", " with a challenger in shadow")
+    print("\n4. shadow overhead (with / without, same run)")
+    print(f"   one at a time p50  {with_shadow['single_p50'] / plain['single_p50']:.2f}x (target <= 1.3x)")
+    print(f"   batch latency p50  {with_shadow['p50'] / plain['p50']:.2f}x")
+    print(f"   throughput         {plain['throughput'] / with_shadow['throughput']:.2f}x slower")
+
+
+def wait_ready(settings: Settings) -> None:
+    deadline = time.monotonic() + 120
+    while not ModelClient(stack.model_server_url(settings)).ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def server_vs_inprocess(settings: Settings, bundle_dir: Path, source: Path) -> None:
@@ -164,7 +193,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--only", choices=("hook", "server", "routed"), help="Run one of the three")
+    parser.add_argument(
+        "--only",
+        choices=("hook", "server", "routed", "shadow"),
+        help="Run one of them (shadow: only with --only)",
+    )
     parser.add_argument(
         "--bundle", type=Path, help="A model bundle directory to serve (default: an untrained ResNet-18)"
     )
@@ -191,9 +224,10 @@ def main() -> None:
             if args.only == "hook":
                 return
             stack.model_server_up(settings)
-            deadline = time.monotonic() + 120
-            while not ModelClient(stack.model_server_url(settings)).ready() and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_ready(settings)
+            if args.only == "shadow":
+                shadow_overhead(settings, source, work, bundle_dir)
+                return
             if args.only in (None, "server"):
                 server_vs_inprocess(settings, bundle_dir, source)
             if args.only in (None, "routed"):

@@ -95,6 +95,8 @@ def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
         assert result.returncode == 0, result.stderr
         assert "instances cataloged from s3://dicom-router/demo/raw" in result.stdout
         assert "adult_chest" in result.stdout
+        assert "8/10 review: " in result.stdout and "now in shadow" in result.stdout
+        assert "10/10 " in result.stdout  # the gate, and a person's approval when it passed
     finally:
         run_cli("stack", "down")
 

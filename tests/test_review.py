@@ -91,15 +91,18 @@ def test_corrections_are_append_only(queue: RoutingQueue) -> None:
     assert [c["kind"] for c in queue.corrections()] == ["accept"]
 
 
-def test_suggestions_are_the_least_sure_auto_routed_instances_spread_over_sites(queue: RoutingQueue) -> None:
+def test_suggestions_are_the_least_sure_auto_routed_instances_spread_over_sites_and_classes(
+    queue: RoutingQueue,
+) -> None:
     margins = {"a1": 0.05, "a2": 0.10, "a3": 0.20, "b1": 0.30, "b2": 0.40}
     for name, margin in margins.items():
         _routed(
             queue, name, site_id=name[0], body_part="spine", confidence=0.6, margin=margin, routed_to="pacs"
         )
+    _routed(queue, "a-abd", site_id="a", body_part="abdominal", confidence=0.9, margin=0.8, routed_to="pacs")
     _routed(queue, "in-review", site_id="a", margin=0.01, routed_to="review", body_part="spine")
-    picked = [i.instance_id for i in review.worklist(queue, suggest_n=4)]
-    assert picked == ["a1", "b1", "a2", "b2"]  # each site's least sure before any site's second
+    picked = [i.instance_id for i in review.worklist(queue, suggest_n=5)]
+    assert picked == ["a1", "b1", "a-abd", "a2", "b2"]  # each group's least sure before any group's second
 
 
 def test_the_api_answers_each_mistake_with_its_status(queue: RoutingQueue) -> None:

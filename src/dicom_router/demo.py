@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pydicom
 import yaml
 from rich.console import Console
@@ -22,6 +23,7 @@ from rich.table import Table
 from dicom_router import stack, synth
 from dicom_router.catalog import summary_table
 from dicom_router.config import Settings
+from dicom_router.dicom.deid import load_key, uid_hash
 from dicom_router.kfp_runs import run_local
 from dicom_router.orthanc.send import dcmsend
 from dicom_router.routing.queue import RoutingQueue
@@ -49,6 +51,8 @@ DEMO_WEEK = 120
 DEMO_NEW_SITE = 30
 NEW_SITE = "site-new"
 """Week two: more traffic from the known sites, and a hospital with equipment the model never saw."""
+DEMO_REVIEWED = 12
+"""Week three: how many instances in review the demo's reviewer labels."""
 
 
 def demo_rules(settings: Settings, destination_port: int) -> Path:
@@ -99,7 +103,7 @@ def route_and_show(settings: Settings, console: Console, sources: list[tuple[str
         source, truth = expected.get(uid, ("?", "?"))
         outcome[(source, meta.get("BodyPart", "-"), meta["RoutedTo"])] += 1
         right[source] += int(meta.get("BodyPart") == truth)
-    table = Table(title=f"6/7 routed {len(expected)} instances sent with dcmsend in {elapsed:.1f} s")
+    table = Table(title=f"6/10 routed {len(expected)} instances sent with dcmsend in {elapsed:.1f} s")
     for column in ("source", "BodyPart", "RoutedTo", "instances"):
         table.add_column(column)
     for (source, body_part, routed_to), n in sorted(outcome.items()):
@@ -111,8 +115,9 @@ def route_and_show(settings: Settings, console: Console, sources: list[tuple[str
     console.print(f"Orthanc: {orthanc['url']} · audit: `dicom-router route --history` · PACS: {pacs['url']}")
 
 
-def new_hospital(settings: Settings, console: Console, catalog: str) -> None:
-    """Fresh traffic from the known sites plus a hospital never seen in training; drift per site."""
+def new_hospital(settings: Settings, console: Console, catalog: str) -> list[Path]:
+    """Fresh traffic from the known sites plus a hospital never seen in training; drift per site.
+    Returns the folders sent."""
     from dicom_router.monitoring.drift import AlertRules
     from dicom_router.monitoring.inference_log import read_inference_log
     from dicom_router.monitoring.job import DriftJob, drift_job
@@ -151,7 +156,7 @@ def new_hospital(settings: Settings, console: Console, catalog: str) -> None:
         reference_catalog=catalog,  # only used if the pipeline's profile step did not store it
     )
     result = drift_job(settings, job)
-    table = Table(title=f"7/7 drift of {expected} new instances vs the champion's reference (Evidently)")
+    table = Table(title=f"7/10 drift of {expected} new instances vs the champion's reference (Evidently)")
     for column in ("group", "reference", "current", "new source", "drift share", "alert"):
         table.add_column(column)
     for group in result.groups:
@@ -168,6 +173,98 @@ def new_hospital(settings: Settings, console: Console, catalog: str) -> None:
         f"{len(known)} images from the {DEMO_SITES} known sites, {len(new)} from a new hospital "
         f"({NEW_SITE}: different equipment) · report {result.report_html} · Evidently UI {ui}"
     )
+    return [traffic / "known", traffic / "new"]
+
+
+def truth_by_hash(settings: Settings, folders: list[Path]) -> dict[str, str]:
+    """The true label of every file sent, by SOP hash (how the worklist names instances)."""
+    key = load_key(settings)
+    truth: dict[str, str] = {}
+    for folder in folders:
+        with (folder / "labels.csv").open(newline="") as f:
+            labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
+        for path in sorted(folder.rglob("*.dcm")):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            label = labels.get(path.relative_to(folder).as_posix())
+            if label:
+                truth[str(uid_hash(key, ds, "SOPInstanceUID"))] = label
+    return truth
+
+
+def review_loop(settings: Settings, console: Console, training: Path, sent: list[Path]) -> None:
+    """Week three: a reviewer labels what landed in review, the model is retrained with those labels,
+    the new version answers in shadow beside the champion, and a person approves its promotion."""
+    from dicom_router import promotion
+    from dicom_router.candidates import load_labelled, train_candidates
+    from dicom_router.monitoring.compare import compare, write_report
+    from dicom_router.monitoring.inference_log import read_inference_log
+    from dicom_router.routing import review
+
+    queue = RoutingQueue(settings.routing_queue)
+    truth = truth_by_hash(settings, sent)
+    waiting = [i for i in review.worklist(queue) if i.sop_hash in truth][:DEMO_REVIEWED]
+    kinds = Counter(
+        review.correct(queue, str(i.sop_hash), truth[str(i.sop_hash)], reviewer="demo", via="cli")["kind"]
+        for i in waiting
+    )
+    wait(lambda: not queue.counts().get("pending"), 300, "the reviewed instances to be routed")
+    console.print(
+        f"[bold]8/10[/] review: {len(review.worklist(queue)) + len(waiting)} instances were in review; "
+        f"the demo labelled {len(waiting)} ({dict(kinds)}) with `dicom-router review label` "
+        "and the router forwarded each where its label routes"
+    )
+    orthanc = stack.orthanc_client(settings)
+    exported = review.export(queue, orthanc.instance_file, settings.data_dir / "reviewed")
+    labelled = load_labelled(settings, data=[str(training), exported["folder"]])
+    (candidate,), _ = train_candidates(settings, labelled, [DEMO_TRAINING], register=True, progress=False)
+    version = str(candidate.version)
+    promotion.shadow(settings, version, reviewer="demo")
+    client = ModelClient(stack.model_server_url(settings))
+    probe = next(training.rglob("*.dcm")).read_bytes()
+    wait(lambda: client.classify(probe, embedding=True).shadow_label is not None, 120, "the challenger")
+    console.print(
+        f"[bold]9/10[/] retrained with {exported['exported']} reviewed labels (label_source=review): "
+        f"version {version}, test macro-F1 {candidate.report['macro_f1']:.3f}, now in shadow (alias "
+        "challenger): it answers every instance beside the champion and routes nothing"
+    )
+    started = datetime.now(UTC)
+    folder = settings.data_dir / "demo" / f"week3-{int(started.timestamp())}"
+    week = synth.synthesize(
+        folder, DEMO_ROUTED, sites=DEMO_SITES, seed=int(started.timestamp()) + 3, long_side_px=DEMO_LONG_SIDE
+    )
+    status = stack.orthanc_status(settings)
+    dcmsend(
+        folder,
+        port=status["dicom_port"],
+        called_aet=status["aet"],
+        calling_aet=settings.orthanc_calling_aet,
+    )
+
+    def shadowed() -> pd.DataFrame:
+        """Week three's records: the log keeps only the hour, so those with the challenger's answer."""
+        records = read_inference_log(settings.inference_log, settings, since=started)
+        return records[records["shadow_version"] == f"{settings.registered_model}/{version}"]
+
+    wait(lambda: len(shadowed()) >= len(week), 300, "the router to log week three")
+    document = compare(shadowed(), review.reviewed_labels(queue), started)
+    page = write_report(document, lambda _: None, settings.data_dir / "demo" / "compare.html")
+    overall = document["overall"]
+    console.print(
+        f"      week three: {overall['n']} instances answered by both; champion and challenger agree on "
+        f"{overall['agreement']:.0%}; page {page} (`dicom-router compare --since 7d`)"
+    )
+    decision = promotion.promote(settings, version=version)
+    if decision.get("request"):
+        approved = promotion.settle(
+            settings, decision["request"], approve=True, reviewer="demo", note="the demo approves its own"
+        )
+        console.print(
+            f"[bold]10/10[/] the gate passed ({decision['reason']}); request {decision['request']} "
+            f"approved by {approved['reviewer']}: version {version} is the champion "
+            "(`dicom-router promote --history`)"
+        )
+    else:
+        console.print(f"[bold]10/10[/] version {version}: {decision['reason']} (the champion stays)")
 
 
 def wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -181,7 +278,7 @@ def wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
 def run_demo(settings: Settings, console: Console) -> int:
     endpoint = stack.s3_up(settings)
     mlflow_url = stack.mlflow_up(settings)
-    console.print(f"[bold]1/7[/] local S3 (rclone) at {endpoint}; MLflow UI at {mlflow_url}")
+    console.print(f"[bold]1/10[/] local S3 (rclone) at {endpoint}; MLflow UI at {mlflow_url}")
     local = settings.data_dir / "demo" / "synth"
     records = synth.synthesize(
         local, DEMO_IMAGES, sites=DEMO_SITES, seed=7, long_side_px=DEMO_LONG_SIDE, progress=True
@@ -192,11 +289,11 @@ def run_demo(settings: Settings, console: Console) -> int:
         store.ensure_bucket()
     uploaded = upload_folder(local, store)
     console.print(
-        f"[bold]2/7[/] {len(records)} synthetic X-rays from {DEMO_SITES} sites → {raw} ({uploaded} objects)"
+        f"[bold]2/10[/] {len(records)} synthetic X-rays from {DEMO_SITES} sites → {raw} ({uploaded} objects)"
     )
     catalog = f"s3://{settings.s3_bucket}/demo/catalog.parquet"
     log_file = settings.data_dir / "demo" / "pipeline.log"
-    console.print(f"[bold]3-5/7[/] training pipeline, run locally with kfp.local (task logs: {log_file})")
+    console.print(f"[bold]3-5/10[/] training pipeline, run locally with kfp.local (task logs: {log_file})")
     run = run_local(
         "training",
         {
@@ -214,16 +311,17 @@ def run_demo(settings: Settings, console: Console) -> int:
     )
     result = read_ingest_result(catalog, settings)
     shards = sum(t.task.endswith("/ingest-shard") for t in run.tasks)
-    console.print(f"[bold]3/7[/] de-identified catalog, ingested in {shards} parallel shards")
+    console.print(f"[bold]3/10[/] de-identified catalog, ingested in {shards} parallel shards")
     console.print(summary_table(result))
     version, decision = run.outputs["version"], run.decision or {}
     console.print(
-        f"[bold]4/7[/] fine-tuned {DEMO_TRAINING.arch} from ImageNet weights ({DEMO_TRAINING.image_size} px, "
-        f"{DEMO_TRAINING.epochs} epochs): test macro-F1 {decision['candidate']['macro_f1']:.3f} → "
+        f"[bold]4/10[/] fine-tuned {DEMO_TRAINING.arch} from ImageNet weights "
+        f"({DEMO_TRAINING.image_size} px, {DEMO_TRAINING.epochs} epochs): "
+        f"test macro-F1 {decision['candidate']['macro_f1']:.3f} → "
         f"{settings.registered_model} version {version}"
     )
     verdict = "promoted to champion" if decision.get("promoted") else "refused"
-    console.print(f"[bold]5/7[/] promotion gate: version {version} {verdict} ({decision.get('reason')})")
+    console.print(f"[bold]5/10[/] promotion gate: version {version} {verdict} ({decision.get('reason')})")
     steps = ", ".join(f"{t.task.rpartition('/')[2]} {t.seconds:.0f}s" for t in run.tasks)
     console.print(f"      pipeline {run.wall_s:.0f} s: {steps}; artifacts under {run.run_dir}")
 
@@ -233,7 +331,8 @@ def run_demo(settings: Settings, console: Console) -> int:
     if (settings.shared_dir / "xray-real" / "labels.csv").is_file():
         sources.append(("real radiographs", settings.shared_dir / "xray-real"))
     route_and_show(settings, console, sources)
-    new_hospital(settings, console, catalog)
+    week_two = new_hospital(settings, console, catalog)
+    review_loop(settings, console, local, [folder for _, folder in sources] + week_two)
     console.print(
         f"MLflow UI: {mlflow_url} · the stack keeps running; stop it with `dicom-router stack down`."
     )

@@ -83,16 +83,17 @@ def entry(item: Item) -> dict[str, Any]:
 
 def suggest(items: list[Item], n: int) -> list[Item]:
     """The ``n`` auto-routed, unreviewed instances a label would teach the model most: the lowest margin
-    (top probability minus the runner-up) first, spread over sites (each site's least sure, then each
-    site's second least sure, …), so one noisy site does not take the reviewer's whole hour."""
-    by_site: dict[str, list[Item]] = defaultdict(list)
+    (top probability minus the runner-up) first, spread over sites and predicted classes (each group's
+    least sure, then each group's second least sure, …), so one noisy site or one confusable class
+    does not take the reviewer's whole hour and a class the model rarely predicts is still asked."""
+    groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for item in items:
         if item.reviewed_label is None and item.routed_to not in (None, REVIEW) and item.margin is not None:
-            by_site[item.site_id or ""].append(item)
+            groups[(item.site_id or "", item.body_part or "")].append(item)
     ranked = [
         (rank, item.margin, item.enqueued_at, item)
-        for site_items in by_site.values()
-        for rank, item in enumerate(sorted(site_items, key=lambda i: (i.margin, i.enqueued_at)))
+        for group in groups.values()
+        for rank, item in enumerate(sorted(group, key=lambda i: (i.margin, i.enqueued_at)))
     ]
     ranked.sort(key=lambda r: (r[0], r[1], r[2]))
     return [r[3] for r in ranked[:n]]
