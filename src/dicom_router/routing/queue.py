@@ -10,6 +10,10 @@ A row whose attempt failed goes back to ``pending``/``forwarding`` with ``next_a
 future (exponential backoff); after ``max_attempts`` failures it becomes ``dead`` (a dead letter, listed
 by ``route --dead-letter`` and sent through routing again by ``route --replay``).
 
+Reviewers' corrections (``routing.review``) are appended to ``corrections`` (triggers refuse updates
+and deletes) in the same transaction that sends the instance back to ``pending`` with its
+``reviewed_label``.
+
 Several workers may share one queue (``route --once`` beside the router, replicas): a worker only
 handles rows it has *claimed* under ``BEGIN IMMEDIATE`` with a lease (owner, expiry), so no two
 workers classify or forward one instance at once; a killed worker's rows come back when its lease

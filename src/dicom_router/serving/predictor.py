@@ -363,6 +363,8 @@ class BodyPartModel(Model):  # type: ignore[misc]
 
         if self.shadow_uri is None:
             return
+        if self.challenger is not None and not self.shadow_uri.startswith("models:/"):
+            return  # a bundle folder or URI: loaded once, like the served model
         try:
             if self.shadow_uri.startswith("models:/"):
                 from dicom_router.registry import model_version
@@ -471,13 +473,17 @@ class BodyPartModel(Model):  # type: ignore[misc]
         if v2 and "shadow_label" in asked and challenger is not None:
             if challenger.preprocess == config:
                 shadow = Shadow(images, meta, challenger)
-            elif items:  # prepared as the challenger was trained (a failure here is the champion's too)
-                again = await self.pool.prepare_all(
-                    items, challenger.preprocess, self.settings.max_image_pixels
-                )
-                shadow = Shadow(
-                    np.stack([p.image for p in again]), np.stack([p.meta for p in again]), challenger
-                )
+            elif items:  # prepared as the challenger was trained; its failure never fails the request
+                try:
+                    again = await self.pool.prepare_all(
+                        items, challenger.preprocess, self.settings.max_image_pixels
+                    )
+                except DicomInputError as exc:
+                    log.warning("shadow: the challenger's preprocessing refused the input (%s)", exc.type)
+                else:
+                    shadow = Shadow(
+                        np.stack([p.image for p in again]), np.stack([p.meta for p in again]), challenger
+                    )
         return Inputs(images, meta, bundle, v2, request_id, want_embedding, statistics, wanted, shadow)
 
     async def predict(
@@ -490,8 +496,15 @@ class BodyPartModel(Model):  # type: ignore[misc]
             probabilities, embedding = await champion
             return Outputs(probabilities, embedding, inputs.bundle, inputs)
         shadow = self.batcher.submit(inputs.shadow.images, inputs.shadow.meta, inputs.shadow.bundle)
-        (probabilities, embedding), (challenger, _) = await asyncio.gather(champion, shadow)
-        return Outputs(probabilities, embedding, inputs.bundle, inputs, challenger)
+        answered, shadowed = await asyncio.gather(champion, shadow, return_exceptions=True)
+        if isinstance(answered, BaseException):
+            raise answered
+        probabilities, embedding = answered
+        if isinstance(shadowed, BaseException):  # the challenger's failure is logged, never the answer's
+            log.warning("shadow: the challenger failed: %s", shadowed.__class__.__name__)
+            inputs.shadow = None
+            return Outputs(probabilities, embedding, inputs.bundle, inputs)
+        return Outputs(probabilities, embedding, inputs.bundle, inputs, shadowed[0])
 
     async def postprocess(
         self,
