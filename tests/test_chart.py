@@ -337,6 +337,7 @@ def test_no_plaintext_secret_only_references_to_existing_secrets(value_set: str)
         v["deid"]["existingSecret"],
         v["mlflow"]["clientSecret"],
         v["orthanc"]["existingSecret"],
+        v["worker"]["reviewSecret"],  # optional: without it the review API stays off
     } | ({v["orthanc"]["postgresql"]["existingSecret"]} if v["orthanc"]["postgresql"]["enabled"] else set())
     declared |= {v["mlflow"]["existingSecret"]} if v["mlflow"]["enabled"] else set()
     referenced: set[str] = set()
