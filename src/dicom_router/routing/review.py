@@ -172,7 +172,7 @@ def export(queue: RoutingQueue, fetch: Callable[[str], bytes], out_dir: Path) ->
     de-identifies into catalog rows with ``label_source=review`` and ``train --with-reviewed`` adds.
     ``fetch`` reads an instance's DICOM file (Orthanc). Files already there are kept (idempotent);
     an instance deleted from Orthanc meanwhile is skipped and counted."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # identifiable DICOM: the raw zone
     rows: list[dict[str, str]] = []
     gone = 0
     for item in queue.finished():
