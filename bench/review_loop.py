@@ -50,27 +50,33 @@ from dicom_router.routing.queue import RoutingQueue
 from dicom_router.synth import synthesize
 from dicom_router.train import TrainConfig, recipe_config
 
+FOLDERS = {"real": "xray-real", "more": "xray-more"}
+"""The labelled folders of ``../shared`` used, by the prefix their files get in a ``Row``."""
 Row = dict[str, str]
 """A labels.csv row, ``file`` relative to its folder (``real/…`` or ``more/…`` here)."""
 
 
 def shared_rows(shared: Path) -> list[Row]:
     rows: list[Row] = []
-    for name, folder in (("real", "xray-real"), ("more", "xray-more")):
+    for name, folder in FOLDERS.items():
         with (shared / folder / "labels.csv").open(newline="") as f:
             for row in csv.DictReader(f):
                 rows.append({"file": f"{name}/{row['file']}", "label": row["label"], "source": row["source"]})
     return rows
 
 
+def shared_file(shared: Path, row: Row) -> Path:
+    """Where a row's file lies in ``../shared``."""
+    name, _, rest = row["file"].partition("/")
+    return shared / FOLDERS[name] / rest
+
+
 def labelled_folder(out: Path, rows: list[Row], shared: Path) -> Path:
     """A labelled folder of symbolic links to the shared files (nothing copied) and its labels.csv."""
-    roots = {"real": shared / "xray-real", "more": shared / "xray-more"}
     for row in rows:
-        name, _, rest = row["file"].partition("/")
         target = out / row["file"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(roots[name] / rest)
+        target.symlink_to(shared_file(shared, row))
     with (out / "labels.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "label", "source"])
         writer.writeheader()
@@ -92,10 +98,7 @@ def train(settings: Settings, folders: list[Path], config: TrainConfig, seed: in
 
 def score(bundle: Bundle, rows: list[Row], shared: Path, settings: Settings) -> dict[str, Any]:
     """Macro-F1, accuracy and per-source macro-F1 of ``bundle`` on ``rows``."""
-    roots = {"real": shared / "xray-real", "more": shared / "xray-more"}
-    items = [
-        (r["file"], (roots[r["file"].split("/")[0]] / r["file"].split("/", 1)[1]).read_bytes()) for r in rows
-    ]
+    items = [(r["file"], shared_file(shared, r).read_bytes()) for r in rows]
     results, ms = bundle.predict_items(items, max_pixels=settings.max_image_pixels)
     kept = [(r, p) for r, p in zip(rows, results, strict=True) if not isinstance(p, DicomInputError)]
     truth = np.array([LABELS.index(r["label"]) for r, _ in kept])
@@ -152,12 +155,11 @@ def routing_stack(settings: Settings, model: Path) -> Iterator[Settings]:
 def route(settings: Settings, rows: list[Row], shared: Path, work: Path) -> dict[str, Row]:
     """Send the files of ``rows`` (copies outside the repository) and wait until each is routed;
     returns the rows by SOP hash."""
-    roots = {"real": shared / "xray-real", "more": shared / "xray-more"}
     folder = work / "send"
     key = load_key(settings)
     by_hash: dict[str, Row] = {}
     for row in rows:
-        source = roots[row["file"].split("/")[0]] / row["file"].split("/", 1)[1]
+        source = shared_file(shared, row)
         target = folder / row["file"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)

@@ -146,7 +146,7 @@ def ingest(
     if labels_uri or reviewed_uri:
         labels = read_labels(labels_uri, settings) if labels_uri else {}
         if reviewed_uri:
-            labels |= reviewed_labels(store.uri, reviewed_uri, settings)
+            labels |= read_reviewed_labels(store.uri, reviewed_uri, settings)
         extras = _carried_columns(labels)
         labels_qa = _apply_labels(rows, labels, listed, extras)
         for column in extras.values():
@@ -285,7 +285,7 @@ def read_labels(uri: str, settings: Settings) -> dict[str, dict[str, str]]:
     return {row["file"].strip().lstrip("./"): row for row in reader}
 
 
-def reviewed_labels(source: str, uri: str, settings: Settings) -> dict[str, dict[str, str]]:
+def read_reviewed_labels(source: str, uri: str, settings: Settings) -> dict[str, dict[str, str]]:
     """A reviewed folder's labels, keyed relative to ``source`` (the folder must be under it) and
     marked ``label_source=review``."""
     folder = uri.rstrip("/").rpartition("/")[0]

@@ -938,7 +938,8 @@ def compare(since: str, out: Path | None, as_json: bool) -> int:
             return None
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    page = write_report(document, fetch, out or settings.data_dir / "compare" / f"{stamp}.html")
+    target = out or settings.data_dir / "compare" / f"{stamp}.html"
+    page = write_report(document, fetch, target, max_pixels=settings.max_image_pixels)
     document["report_html"] = str(page)
     if as_json:
         _emit_json(document)

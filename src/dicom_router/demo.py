@@ -23,7 +23,7 @@ from rich.table import Table
 from dicom_router import stack, synth
 from dicom_router.catalog import summary_table
 from dicom_router.config import Settings
-from dicom_router.dicom.deid import load_key, uid_hash
+from dicom_router.dicom.deid import load_key, pseudonym
 from dicom_router.kfp_runs import run_local
 from dicom_router.orthanc.send import dcmsend
 from dicom_router.routing.queue import RoutingQueue
@@ -80,11 +80,7 @@ def route_and_show(settings: Settings, console: Console, sources: list[tuple[str
     expected: dict[str, tuple[str, str]] = {}  # SOPInstanceUID → (source, true label)
     started = time.monotonic()
     for name, folder in sources:
-        with (folder / "labels.csv").open(newline="") as f:
-            labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
-        for path in sorted(folder.rglob("*.dcm")):
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            expected[uid] = (name, labels.get(path.relative_to(folder).as_posix(), "?"))
+        expected |= {uid: (name, label or "?") for uid, label in labels_by_uid(folder).items()}
         dcmsend(
             folder,
             port=orthanc["dicom_port"],
@@ -176,19 +172,28 @@ def new_hospital(settings: Settings, console: Console, catalog: str) -> list[Pat
     return [traffic / "known", traffic / "new"]
 
 
+def labels_by_uid(folder: Path) -> dict[str, str | None]:
+    """The label of every DICOM file of a labelled folder (None: not in its labels.csv), by
+    SOPInstanceUID."""
+    with (folder / "labels.csv").open(newline="") as f:
+        labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    return {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID).strip(): labels.get(
+            path.relative_to(folder).as_posix()
+        )
+        for path in sorted(folder.rglob("*.dcm"))
+    }
+
+
 def truth_by_hash(settings: Settings, folders: list[Path]) -> dict[str, str]:
     """The true label of every file sent, by SOP hash (how the worklist names instances)."""
     key = load_key(settings)
-    truth: dict[str, str] = {}
-    for folder in folders:
-        with (folder / "labels.csv").open(newline="") as f:
-            labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
-        for path in sorted(folder.rglob("*.dcm")):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            label = labels.get(path.relative_to(folder).as_posix())
-            if label:
-                truth[str(uid_hash(key, ds, "SOPInstanceUID"))] = label
-    return truth
+    return {
+        pseudonym(key, "SOPInstanceUID", uid): label
+        for folder in folders
+        for uid, label in labels_by_uid(folder).items()
+        if label
+    }
 
 
 def review_loop(settings: Settings, console: Console, training: Path, sent: list[Path]) -> None:
@@ -247,7 +252,12 @@ def review_loop(settings: Settings, console: Console, training: Path, sent: list
 
     wait(lambda: len(shadowed()) >= len(week), 300, "the router to log week three")
     document = compare(shadowed(), review.reviewed_labels(queue), started)
-    page = write_report(document, lambda _: None, settings.data_dir / "demo" / "compare.html")
+    page = write_report(
+        document,
+        lambda _: None,
+        settings.data_dir / "demo" / "compare.html",
+        max_pixels=settings.max_image_pixels,
+    )
     overall = document["overall"]
     console.print(
         f"      week three: {overall['n']} instances answered by both; champion and challenger agree on "

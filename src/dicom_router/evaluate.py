@@ -181,7 +181,8 @@ def expected_calibration_error(
     return float(np.abs(hits - confidence).sum() / counts.sum())
 
 
-def _interval(values: FloatArray, confidence: float) -> tuple[float, float]:
+def percentile_interval(values: FloatArray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap resamples' statistics."""
     tail = (1.0 - confidence) / 2.0 * 100.0
     lo, hi = np.percentile(values, [tail, 100.0 - tail])
     return float(lo), float(hi)
@@ -218,11 +219,11 @@ def bootstrap_ci(
         matrices = np.bincount(drawn.ravel(), minlength=size * cells).reshape(size, n_classes, n_classes)
         _, _, f1[start : start + size], occurs[start : start + size] = _scores(matrices)
     per_class_ci = tuple(
-        _interval(f1[occurs[:, c], c], confidence) if occurs[:, c].any() else (0.0, 0.0)
+        percentile_interval(f1[occurs[:, c], c], confidence) if occurs[:, c].any() else (0.0, 0.0)
         for c in range(n_classes)
     )
     return BootstrapResult(
-        macro_f1=_interval(_macro(f1, occurs), confidence),
+        macro_f1=percentile_interval(_macro(f1, occurs), confidence),
         f1=per_class_ci,
         resamples=resamples,
         confidence=confidence,

@@ -188,11 +188,14 @@ def record_decision(settings: Settings, version: str, decision: dict[str, Any], 
 
 
 def append_history(settings: Settings, version: str, decision: dict[str, Any]) -> str:
-    """One run of the promotions experiment holding ``decision``; returns the run id."""
+    """One run of the promotions experiment holding ``decision``; returns the run id. A request is
+    named by its run (the first 12 characters of the id), written into its document here."""
     connect(settings)
     with mlflow.start_run(
         experiment_id=experiment(settings, PROMOTIONS_EXPERIMENT), run_name=f"v{version}"
     ) as run:
+        if decision.get("action") == "request":
+            decision = {**decision, "request": str(run.info.run_id)[:12]}
         tags = {"decision": json.dumps(decision), "promoted": str(decision["promoted"]), "version": version}
         tags["action"] = str(decision.get("action", "gate"))
         if decision.get("request"):
@@ -205,11 +208,8 @@ def append_history(settings: Settings, version: str, decision: dict[str, Any]) -
 def record_request(settings: Settings, version: str, decision: dict[str, Any]) -> str:
     """File a promotion request for ``version`` with the gate's figures; its id (what ``--approve``
     takes) is the first 12 characters of its history run."""
-    run_id = append_history(settings, version, {**decision, "action": "request"})
-    request = run_id[:12]
+    request = append_history(settings, version, {**decision, "action": "request"})[:12]
     client = connect(settings)
-    client.set_tag(run_id, "request", request)
-    client.set_tag(run_id, "decision", json.dumps({**decision, "action": "request", "request": request}))
     name = settings.registered_model
     client.set_model_version_tag(name, version, "approval.decision", "requested")
     client.set_model_version_tag(name, version, "approval.request", request)

@@ -25,6 +25,7 @@ from PIL import Image
 from dicom_router import LABELS
 from dicom_router.dicom.decode import decode_bytes
 from dicom_router.dicom.errors import DicomInputError
+from dicom_router.evaluate import percentile_interval
 from dicom_router.inference import letterbox
 
 GROUPS = ("site_id", "scanner_id")
@@ -42,9 +43,7 @@ def mean_ci(
         return None
     rng = np.random.default_rng(seed)
     means = array[rng.integers(0, array.size, size=(resamples, array.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    return percentile_interval(means, confidence)
 
 
 def _rate(outcomes: pd.Series) -> dict[str, Any]:
@@ -112,10 +111,10 @@ def _text(value: object) -> str | None:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
-def thumbnail(data: bytes) -> str | None:
+def thumbnail(data: bytes, max_pixels: int) -> str | None:
     """A small PNG (base64) of the decoded image for the reviewer's page; None when it cannot decode."""
     try:
-        pixels = decode_bytes(data, "thumbnail", max_pixels=64_000_000).pixels
+        pixels = decode_bytes(data, "thumbnail", max_pixels=max_pixels).pixels
     except DicomInputError:
         return None
     small = letterbox(pixels, THUMBNAIL_PX)
@@ -130,10 +129,10 @@ def _pct(value: float | None, ci: Sequence[float] | None) -> str:
     return f"{value:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
 
 
-def render_html(document: dict[str, Any], fetch: Callable[[str], bytes | None]) -> str:
+def render_html(document: dict[str, Any], fetch: Callable[[str], bytes | None], max_pixels: int) -> str:
     """The comparison as one self-contained page: the table per site and scanner, then each disagreement
-    with its thumbnail (``fetch``: DICOM bytes by SOP hash, None when not in the archive) and the command
-    that labels it."""
+    with its thumbnail (``fetch``: DICOM bytes by SOP hash, None when not in the archive; decoded within
+    ``max_pixels``) and the command that labels it."""
     head = (
         "<th>site</th><th>scanner</th><th>n</th><th>agreement</th><th>reviewed</th>"
         "<th>champion accuracy</th><th>challenger accuracy</th>"
@@ -156,7 +155,7 @@ def render_html(document: dict[str, Any], fetch: Callable[[str], bytes | None]) 
     cards = []
     for item in document["disagreements"][:MAX_THUMBNAILS]:
         data = fetch(item["sop_hash"])
-        picture = thumbnail(data) if data is not None else None
+        picture = thumbnail(data, max_pixels) if data is not None else None
         image = (
             f'<img alt="instance" src="data:image/png;base64,{picture}">'
             if picture
@@ -186,7 +185,9 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 """
 
 
-def write_report(document: dict[str, Any], fetch: Callable[[str], bytes | None], out: Path) -> Path:
+def write_report(
+    document: dict[str, Any], fetch: Callable[[str], bytes | None], out: Path, *, max_pixels: int
+) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(document, fetch))
+    out.write_text(render_html(document, fetch, max_pixels))
     return out

@@ -208,9 +208,7 @@ def api(queue: RoutingQueue, method: str, path: str, query: dict[str, str], body
     parts = [p for p in path.split("/") if p]
     try:
         if method == "GET" and parts == ["review"]:
-            suggest_n = int(query["suggest"]) if "suggest" in query else None
-            if suggest_n is not None and suggest_n < 1:
-                raise ReviewError("suggest: a positive count")
+            suggest_n = _count(query["suggest"]) if "suggest" in query else None
             items = worklist(queue, site=query.get("site"), suggest_n=suggest_n)
             return 200, [entry(item) for item in items]
         if method == "GET" and parts == ["review", "corrections"]:
@@ -233,6 +231,15 @@ def api(queue: RoutingQueue, method: str, path: str, query: dict[str, str], body
             return 200, correction
     except ReviewError as exc:
         return exc.status, {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    except ValueError:
-        return 400, {"error": {"type": "ReviewError", "message": "suggest: a positive count"}}
     return 404, {"error": {"type": "NotFound", "message": f"{method} {path}: no such review endpoint"}}
+
+
+def _count(text: str) -> int:
+    """``?suggest=N``: a positive count, else the API's 400."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ReviewError("suggest: a positive count")
+    return n
