@@ -27,7 +27,7 @@ from rich.table import Table
 
 from dicom_router import LABELS
 from dicom_router.config import Settings
-from dicom_router.dicom.deid import deidentified_fields, load_key
+from dicom_router.dicom.deid import deidentified_fields, load_key, phi_tags
 from dicom_router.dicom.errors import DicomInputError
 from dicom_router.dicom.header import parse, read_header
 from dicom_router.errors import ObjectMissing, StorageError
@@ -57,6 +57,7 @@ CATALOG_SCHEMA = pa.schema(
         ("kvp", pa.float64()),
         ("exposure", pa.float64()),
         ("view_position", pa.string()),
+        ("body_part_examined", pa.string()),
         ("sex", pa.string()),
         ("age_years", pa.float64()),
         ("has_pixels", pa.bool_()),
@@ -64,11 +65,15 @@ CATALOG_SCHEMA = pa.schema(
         ("label_source", pa.string()),
         ("content_hash", pa.string()),
         ("pixel_fingerprint", pa.string()),
+        ("missing_tags", pa.list_(pa.string())),
+        ("phi_tags", pa.list_(pa.string())),
     ]
 )
 """The contract's columns plus a few more; ``label`` is null without ``--labels``; ``label_source`` says
 who gave the label: ``labels.csv`` (the folder's labels), or ``review`` (a reviewer's correction, from
-``review export``)."""
+``review export``). ``missing_tags``: required tags the object lacks; ``phi_tags``: which PHI-bearing
+elements the source object carried (names, never values: the de-identification audit's input);
+``body_part_examined``: the header's code string, which ``report`` holds against the model's answer."""
 
 LABEL_SOURCES = ("labels.csv", "review")
 
@@ -140,7 +145,7 @@ def ingest(
         vanished.extend(batch_vanished)
     rows.sort(key=lambda r: str(r["key"]))
     errors.sort(key=lambda e: e.path)
-    missing: dict[str, list[str]] = {r["key"]: r.pop("_missing") for r in rows}
+    missing: dict[str, list[str]] = {r["key"]: r["missing_tags"] for r in rows}
     same_pixels = pixel_duplicates(store, rows, {r["key"]: r.pop("_pixels") for r in rows})
     schema, labels_qa = CATALOG_SCHEMA, {}
     if labels_uri or reviewed_uri:
@@ -215,8 +220,8 @@ def _ingest_chunk(
 
 
 def catalog_row(store: Store, key: bytes, info: ObjectInfo, range_bytes: int) -> dict[str, Any]:
-    """One object → one de-identified row (plus ``_missing``: required tags it lacks, and ``_pixels``:
-    where its pixel data lies, for confirming duplicates)."""
+    """One object → one de-identified row (plus ``_pixels``: where its pixel data lies, for confirming
+    duplicates)."""
     path = f"{store.uri.rstrip('/')}/{info.key}"
     header = read_header(
         lambda n: store.read(info.key, n if n < info.size else None), info.size, path, first=range_bytes
@@ -242,7 +247,8 @@ def catalog_row(store: Store, key: bytes, info: ObjectInfo, range_bytes: int) ->
     row["label_source"] = None
     row["content_hash"] = f"md5:{content_md5}" if content_md5 else None
     row["pixel_fingerprint"] = fingerprint
-    row["_missing"] = [t for t in REQUIRED_TAGS if not str(ds.get(t, "")).strip()] + (
+    row["phi_tags"] = phi_tags(ds)
+    row["missing_tags"] = [t for t in REQUIRED_TAGS if not str(ds.get(t, "")).strip()] + (
         [] if header.has_pixels else ["PixelData"]
     )
     row["_pixels"] = (header.pixel_start, header.pixel_length)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import secrets
+from collections.abc import MutableSequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,96 @@ def acquisition_fields(ds: Dataset) -> dict[str, Any]:
         "kvp": _number(ds, "KVP"),
         "exposure": _number(ds, "Exposure"),
         "view_position": _text(ds, "ViewPosition"),
+        "body_part_examined": body_part_examined(ds),
         "sex": _text(ds, "PatientSex").upper()[:1] or None,
         "age_years": age_years(ds),
     }
+
+
+_CODE_STRING = re.compile(r"^[A-Z0-9 _]{1,16}$")
+
+
+def body_part_examined(ds: Dataset) -> str | None:
+    """BodyPartExamined when it is a code string (CS: upper case, digits, space, underscore, at most 16
+    characters); anything else is free text a site typed, which may identify someone, and is dropped."""
+    value = _text(ds, "BodyPartExamined").upper()
+    return value if _CODE_STRING.match(value) else None
+
+
+PHI_TAGS: dict[str, str] = {
+    "PatientName": "dropped",
+    "PatientID": "pseudonymised (patient_hash)",
+    "IssuerOfPatientID": "pseudonymised (patient_hash)",
+    "OtherPatientIDs": "dropped",
+    "OtherPatientIDsSequence": "dropped",
+    "OtherPatientNames": "dropped",
+    "PatientBirthName": "dropped",
+    "PatientMotherBirthName": "dropped",
+    "PatientBirthDate": "coarsened (age_years)",
+    "PatientBirthTime": "dropped",
+    "PatientAge": "coarsened (age_years)",
+    "PatientAddress": "dropped",
+    "PatientTelephoneNumbers": "dropped",
+    "MedicalRecordLocator": "dropped",
+    "Occupation": "dropped",
+    "AdditionalPatientHistory": "dropped",
+    "PatientComments": "dropped",
+    "AccessionNumber": "dropped",
+    "StudyID": "dropped",
+    "StudyDate": "coarsened (age_years)",
+    "StudyTime": "dropped",
+    "SeriesDate": "dropped",
+    "AcquisitionDate": "dropped",
+    "ContentDate": "dropped",
+    "AcquisitionDateTime": "dropped",
+    "StudyInstanceUID": "pseudonymised (study_uid_hash)",
+    "SeriesInstanceUID": "pseudonymised (series_uid_hash)",
+    "SOPInstanceUID": "pseudonymised (sop_uid_hash)",
+    "FrameOfReferenceUID": "dropped",
+    "InstitutionName": "pseudonymised (site_id)",
+    "InstitutionAddress": "dropped",
+    "InstitutionalDepartmentName": "dropped",
+    "StationName": "pseudonymised (site_id, scanner_id)",
+    "DeviceSerialNumber": "pseudonymised (scanner_id)",
+    "ReferringPhysicianName": "dropped",
+    "ReferringPhysicianAddress": "dropped",
+    "PerformingPhysicianName": "dropped",
+    "NameOfPhysiciansReadingStudy": "dropped",
+    "PhysiciansOfRecord": "dropped",
+    "RequestingPhysician": "dropped",
+    "OperatorsName": "dropped",
+    "StudyDescription": "dropped",
+    "SeriesDescription": "dropped",
+    "RequestedProcedureDescription": "dropped",
+    "PerformedProcedureStepDescription": "dropped",
+    "ImageComments": "dropped",
+    "RequestAttributesSequence": "dropped",
+}
+"""Header elements that can identify a patient (after DICOM PS3.15's Basic Application Level
+Confidentiality Profile), each with what the catalog keeps of it: a keyed pseudonym, a coarsened age, or
+nothing."""
+PRIVATE_ELEMENTS = "(private elements)"
+"""The de-identification audit's name for a source object that carries private (vendor) elements:
+they may hold anything, and the catalog keeps none of them."""
+BURNED_IN = "BurnedInAnnotation"
+"""Listed when the source says YES: text in the pixels, which header de-identification cannot remove."""
+
+
+def _has_value(value: Any) -> bool:
+    if isinstance(value, MutableSequence):  # a sequence, or a multi-valued element
+        return len(value) > 0
+    return value is not None and bool(str(value).strip())
+
+
+def phi_tags(ds: Dataset) -> list[str]:
+    """Which PHI-bearing elements this source object carries with a value (names only, never values):
+    the input of the de-identification audit."""
+    present = [keyword for keyword in PHI_TAGS if _has_value(ds.get(keyword))]
+    if any(element.tag.is_private for element in ds):
+        present.append(PRIVATE_ELEMENTS)
+    if _text(ds, BURNED_IN).upper() == "YES":
+        present.append(BURNED_IN)
+    return present
 
 
 def deidentified_fields(key: bytes, ds: Dataset) -> dict[str, Any]:

@@ -61,6 +61,7 @@ _ACQUISITION_FIELDS = (
     "kvp",
     "exposure",
     "view_position",
+    "body_part_examined",
     "sex",
     "age_years",
 )
