@@ -955,6 +955,44 @@ def compare(since: str, out: Path | None, as_json: bool) -> int:
 
 
 @app.command()
+@click.argument("catalog")
+@click.option(
+    "--by", "by", multiple=True, help="Group column (repeatable); default --by site_id --by scanner_id"
+)
+@click.option(
+    "--inference-log", "inference_log", help="Inference-log prefix: the model's answers beside labels"
+)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Report folder")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout")
+def report(
+    catalog: str, by: tuple[str, ...], inference_log: str | None, out_dir: Path | None, as_json: bool
+) -> int:
+    """Archive analytics over CATALOG (a catalog file or a folder of Parquet, local or s3://): hierarchy,
+    population, acquisition, quality and a de-identification audit, as HTML, PNG plots and JSON."""
+    from dicom_router.monitoring.inference_log import read_inference_log
+    from dicom_router.report.figures import DEFAULT_BY, ReportInputError, archive_report, open_archive
+    from dicom_router.report.render import summary, write_report
+
+    settings = Settings()
+    predictions = read_inference_log(inference_log, settings) if inference_log else None
+    try:
+        document = archive_report(
+            open_archive(catalog, settings), settings, by=by or DEFAULT_BY, predictions=predictions
+        )
+    except ReportInputError as exc:
+        raise click.UsageError(str(exc)) from None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    page = write_report(document, out_dir or settings.data_dir / "reports" / stamp)
+    document["report_html"] = str(page)
+    if as_json:
+        _emit_json(document)
+    else:
+        for line in [*summary(document), f"report: {page}"]:
+            stdout.print(line, highlight=False)
+    return EXIT_OK
+
+
+@app.command()
 @click.option(
     "--reference", required=True, help="models:/NAME@ALIAS or /VERSION, a catalog/reference Parquet, a log"
 )

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     """Rows x columns x samples above which decoding refuses with ``ImageTooLarge``."""
     workers: int = Field(default_factory=available_cpus)
     """Processes for ingest and decoding; default: the CPUs affinity and the cgroup quota allow."""
+    report_memory_limit: str = "2GB"
+    """DuckDB's memory limit for ``report`` (it spills to disk past it): one node reports on a catalog of
+    tens of millions of instances inside a small pod."""
 
     weights_dir: Path | None = None
     """A folder of ImageNet weights files named ``ARCH.*`` (safetensors or torch): ``train --pretrained``
