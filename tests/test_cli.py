@@ -94,6 +94,9 @@ def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
         result = run_cli("demo", timeout=1700)
         assert result.returncode == 0, result.stderr
         assert "instances cataloged from s3://dicom-router/demo/raw" in result.stdout
+        assert (
+            "de-identification audit passed" in result.stdout and "demo/report/report.html" in result.stdout
+        )
         assert "adult_chest" in result.stdout
         assert "8/10 review: " in result.stdout and "now in shadow" in result.stdout
         assert "10/10 " in result.stdout  # the gate, and a person's approval when it passed

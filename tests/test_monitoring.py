@@ -253,6 +253,10 @@ def test_records_lost_in_an_outage_are_counted_in_the_log_and_in_the_drift_repor
     result = drift_job(settings, job)
     assert result.document()["lost_records"] == 2
     assert "Inference-log records lost in this window: 2" in (tmp_path / "r.html").read_text()
+    assert result.document()["window_report"] == str(tmp_path / "r.window" / "report.html")
+    traffic = json.loads((tmp_path / "r.window" / "report.json").read_text())  # what the window held
+    assert traffic["instances"] == 3 and traffic["studies"] is None  # the log keeps no study pseudonym
+    assert sum(r["n"] for r in traffic["labels"]["predicted"]) == 3
 
 
 @dataclass(frozen=True)
@@ -468,7 +472,8 @@ def test_a_drift_job_alerts_the_webhook_and_the_ui_lists_its_snapshots(
         log_to_mlflow=False,
     )
     result = drift_job(settings, job, now=now)
-    assert result.alert and received == [result.document()]
+    assert result.alert and result.document()["window_report"]
+    assert received == [{**result.document(), "window_report": None}]  # the alert left before that report
     assert sum(g["n_current"] for g in received[0]["groups"][1:]) == 43
     html = Path(str(result.report_html)).read_text()
     assert html.startswith("<html") or "<!DOCTYPE" in html[:200]

@@ -77,8 +77,17 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert promoted["promoted"] is True
     client = connect(settings)
     assert str(client.get_model_version_by_alias("bodypart-router", "champion").version) == "1"
-    tags = client.get_model_version("bodypart-router", "1").tags
-    assert tags["role"] == "candidate" and tags["gate.decision"] == "promoted"
+    version = client.get_model_version("bodypart-router", "1")
+    assert version.tags["role"] == "candidate" and version.tags["gate.decision"] == "promoted"
+    assert version.run_id is not None
+    data_report = Path(
+        client.download_artifacts(version.run_id, "data_report", str(settings.data_dir / "dr"))
+    )
+    trained_on = json.loads((data_report / "report.json").read_text())  # what the version was trained on
+    assert trained_on["instances"] == 60 and trained_on["deidentification"]["passed"]
+    assert sum(row["n"] for row in trained_on["labels"]["labelled"]) == 60
+    assert (data_report / "report.html").is_file() and (data_report / "labels.png").is_file()
+    assert not (data_report / "rows.parquet").exists()  # the rows (and their object keys) stay behind
 
     files = sorted(str(p) for p in labelled_folder.rglob("*.dcm"))[:3]
     predictions = _json("predict", *files)

@@ -49,6 +49,7 @@ from dicom_router.evaluate import (
 from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig
 from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.registry import CANDIDATES_EXPERIMENT, experiment, register_bundle
+from dicom_router.report.render import write_frame_report
 from dicom_router.synth import PROFILES, synthesize
 from dicom_router.train import TrainConfig, predict_scores, train_candidate
 from dicom_router.weights import Weights, resolve
@@ -278,6 +279,9 @@ class _Shared:
     register: bool
     calibration: dict[str, dict[str, float]]
     """By candidate name, from cross-validation: ``temperature`` and ``review_threshold``."""
+    data_report: Path
+    """The archive report of the labelled set (``report``'s HTML, JSON and plots), logged with every
+    candidate as ``data_report/``: each version says what it was trained on."""
 
 
 def _publish(
@@ -310,6 +314,7 @@ def _publish(
     mlflow.log_params({**params, **facts, "temperature": f"{temperature:.4f}"})
     mlflow.log_param("temperature_from", "cross-validation" if "temperature" in calibration else "validation")
     mlflow.log_dict(json.loads(shared.split.to_json()), "split.json")
+    mlflow.log_artifacts(str(shared.data_report), "data_report")
     threshold = calibration.get("review_threshold")
     card = {
         **facts,
@@ -369,19 +374,34 @@ def train_candidates(
     split = split_examples(labelled.frame, seed=seed)
     if ensemble:
         _check_ensemble(configs)
+    data_report = Path(tempfile.mkdtemp(prefix="data-report-"))
+    try:
+        name = f"training set of {labelled.catalog or labelled.source}"
+        write_frame_report(labelled.frame, settings, data_report, name=name)
+        shared = _Shared(
+            settings,
+            labelled,
+            split,
+            {},
+            experiment(settings, CANDIDATES_EXPERIMENT),
+            register,
+            calibration or {},
+            data_report,
+        )
+        return _train_each(shared, configs, ensemble=ensemble, tta=tta, progress=progress)
+    finally:
+        shutil.rmtree(data_report, ignore_errors=True)
+
+
+def _train_each(
+    shared: _Shared, configs: list[TrainConfig], *, ensemble: bool, tta: bool, progress: bool
+) -> tuple[list[Candidate], list[DicomInputError]]:
+    """``train_candidates``' work: each member trained and published, then their ensemble."""
+    settings, labelled, split = shared.settings, shared.labelled, shared.split
     errors: list[DicomInputError] = []
     results: list[Candidate] = []
     nets: list[BodyPartNet] = []
     members: list[dict[str, Any]] = []
-    shared = _Shared(
-        settings,
-        labelled,
-        split,
-        {},
-        experiment(settings, CANDIDATES_EXPERIMENT),
-        register,
-        calibration or {},
-    )
     for config in configs:
         cached, bad = labelled.cached(settings, config.preprocess, progress=progress)
         errors.extend(e for e in bad if e.path not in {x.path for x in errors})

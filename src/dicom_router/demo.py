@@ -26,6 +26,8 @@ from dicom_router.config import Settings
 from dicom_router.dicom.deid import load_key, pseudonym
 from dicom_router.kfp_runs import run_local
 from dicom_router.orthanc.send import dcmsend
+from dicom_router.report.figures import archive_report, open_archive
+from dicom_router.report.render import summary, write_report
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.serving.client import ModelClient
@@ -323,6 +325,11 @@ def run_demo(settings: Settings, console: Console) -> int:
     shards = sum(t.task.endswith("/ingest-shard") for t in run.tasks)
     console.print(f"[bold]3/10[/] de-identified catalog, ingested in {shards} parallel shards")
     console.print(summary_table(result))
+    document = archive_report(open_archive(catalog, settings), settings)
+    page = write_report(document, settings.data_dir / "demo" / "report")
+    for line in summary(document):
+        console.print(f"      {line}", highlight=False)
+    console.print(f"      archive report (hierarchy, population, acquisition, quality, PHI audit): {page}")
     version, decision = run.outputs["version"], run.decision or {}
     console.print(
         f"[bold]4/10[/] fine-tuned {DEMO_TRAINING.arch} from ImageNet weights "

@@ -159,9 +159,12 @@ def write_snapshots(workspace_dir: Path, result: DriftResult, *, deployment: str
     ]
 
 
-def log_report_to_mlflow(settings: Settings, model_uri: str, result: DriftResult, html: str) -> str:
+def log_report_to_mlflow(
+    settings: Settings, model_uri: str, result: DriftResult, html: str, *, window: Path | None = None
+) -> str:
     """Put the latest report (HTML + JSON document) in the model version's run as ``drift/latest.*``
-    and tag the version with the verdict; returns the artifact URI of the HTML."""
+    (and ``window``, the archive report of the window's traffic, as ``drift/window/``) and tag the
+    version with the verdict; returns the artifact URI of the HTML."""
     version = model_version(settings, model_uri)
     if version.run_id is None:
         raise ValueError(f"{model_uri} has no run to log the drift report to")
@@ -170,6 +173,8 @@ def log_report_to_mlflow(settings: Settings, model_uri: str, result: DriftResult
         (Path(tmp) / "latest.html").write_text(html, encoding="utf-8")
         (Path(tmp) / "latest.json").write_text(json.dumps(result.document(), indent=2, default=str))
         client.log_artifacts(version.run_id, tmp, MLFLOW_DIR)
+    if window is not None:
+        client.log_artifacts(version.run_id, str(window), f"{MLFLOW_DIR}/window")
     uri = f"runs:/{version.run_id}/{MLFLOW_DIR}/latest.html"
     tags = {
         "drift.alert": str(result.alert).lower(),

@@ -189,6 +189,9 @@ class DriftResult:
     lost_records: int = 0
     """Inference-log records of the window that were lost (queues full, storage away, unreadable
     instance): CUR describes the traffic less this many instances."""
+    window_report: str | None = None
+    """Where the archive report of CUR (``report``: acquisition, population, header quality of the
+    window's traffic) went, beside the drift report."""
 
     @property
     def alert(self) -> bool:
@@ -204,6 +207,7 @@ class DriftResult:
             "model_version": self.model_version,
             "other_versions": self.other_versions,
             "lost_records": self.lost_records,
+            "window_report": self.window_report,
         }
 
     def render_html(self) -> str:

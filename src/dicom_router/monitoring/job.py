@@ -6,6 +6,7 @@ schedules call ``drift_job``; it holds the wiring, ``drift.run_drift`` the logic
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from dicom_router.monitoring.alerts import post_webhook
 from dicom_router.monitoring.dashboard import log_report_to_mlflow, write_snapshots
 from dicom_router.monitoring.drift import AlertRules, DriftInputError, DriftResult, run_drift
 from dicom_router.monitoring.reference import load_frame, load_reference, load_window, reference_for_model
+from dicom_router.report.render import REPORT_HTML, write_frame_report
+from dicom_router.storage import write_uri
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +94,29 @@ def drift_job(settings: Settings, job: DriftJob, *, now: datetime | None = None)
         _best_effort(
             "Evidently workspace", lambda: write_snapshots(workspace, result, deployment=job.deployment)
         )
-    model_uri = job.model_uri or _model_of(job.reference, current)
-    if job.log_to_mlflow and model_uri is not None:
-        uri = model_uri
-        _best_effort("MLflow", lambda: log_report_to_mlflow(settings, uri, result, html))
+    with tempfile.TemporaryDirectory() as tmp:
+        traffic = Path(tmp)
+        _best_effort(
+            "the window's archive report",
+            lambda: _window_report(settings, current, report_uri, result, traffic),
+        )
+        model_uri = job.model_uri or _model_of(job.reference, current)
+        if job.log_to_mlflow and model_uri is not None:
+            uri, attached = model_uri, traffic if result.window_report else None
+            _best_effort("MLflow", lambda: log_report_to_mlflow(settings, uri, result, html, window=attached))
     return result
+
+
+def _window_report(
+    settings: Settings, current: pd.DataFrame, report_uri: str, result: DriftResult, out: Path
+) -> None:
+    """The archive report of the window's traffic, written to ``out`` and beside the drift report
+    (``<report>.window/``): what the traffic was when drift was (or was not) found."""
+    write_frame_report(current, settings, out, name=f"inference-log window up to {result.at:%Y-%m-%d %H:%M}Z")
+    target = report_uri.removesuffix(".html") + ".window"
+    for path in sorted(out.iterdir()):
+        write_uri(f"{target}/{path.name}", path.read_bytes(), settings)
+    result.window_report = f"{target}/{REPORT_HTML}"
 
 
 def _best_effort(what: str, action: Callable[[], object]) -> None:
