@@ -381,7 +381,17 @@ def test_network_policies_cover_every_pod_and_allow_only_the_designed_flows(valu
     def sources(component: str) -> list[dict[str, Any]]:
         return [peer for rule in by_component[component]["spec"]["ingress"] for peer in rule.get("from", [])]
 
-    assert ports("orthanc") == {4242}  # REST stays on localhost (the worker sidecar)
+    assert ports("orthanc") == {4242, 9090}  # REST stays on localhost (the worker sidecar)
+    router = [
+        r
+        for r in by_component["orthanc"]["spec"]["ingress"]
+        if r["ports"] == [{"port": 9090, "protocol": "TCP"}]
+    ]
+    network = values(value_set)["networkPolicy"]
+    assert [r["from"] for r in router] == [
+        network["reviewFrom"],
+        network["monitoringFrom"],
+    ]  # never open to all
     assert by_component["drift"]["spec"]["ingress"] == []
     from_pods = [
         p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
@@ -546,6 +556,23 @@ def test_default_routing_rules_are_valid_for_the_worker(value_set: str) -> None:
     _, config_map = _orthanc(render(value_set))
     rules = RoutingRules.from_yaml(config_map["data"]["rules.yaml"], source="chart")
     assert rules.default == "review"
+
+
+def test_the_router_s_review_api_and_metrics_have_a_service_on_the_sidecar_port() -> None:
+    docs = render("default")
+    (service,) = [d for d in of_kind(docs, "Service") if d["metadata"]["name"].endswith("-orthanc-router")]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "router-http", "port": 9090, "targetPort": "router-http", "protocol": "TCP"}
+    ]
+    (orthanc,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-orthanc")]
+    assert service["spec"]["selector"].items() <= orthanc["spec"]["template"]["metadata"]["labels"].items()
+    containers = orthanc["spec"]["template"]["spec"]["containers"]
+    assert {"name": "router-http", "containerPort": 9090, "protocol": "TCP"} in [
+        port for c in containers for port in c.get("ports", [])
+    ]
+    off = helm_run(3, "template", RELEASE, str(CHART), "--set", "worker.service.enabled=false")
+    assert "-orthanc-router" not in off.stdout
 
 
 def test_the_worker_serves_health_on_its_pod_address_and_liveness_reads_it() -> None:

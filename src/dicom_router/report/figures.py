@@ -1,8 +1,10 @@
 """The figures of an archive report, computed by DuckDB over the catalog's Parquet where it lies.
 
-The catalog is opened as a pyarrow dataset (one file or a folder of partitioned files, local or on S3
-through pyarrow's own filesystem, since DuckDB's extensions download at run time), so DuckDB scans only
-the columns each query needs and never holds the catalog in memory. Every figure is a count, a quantile
+The catalog is one file or a folder of partitioned files: local files are scanned by DuckDB's own
+Parquet reader, ``s3://`` ones as a pyarrow dataset over pyarrow's filesystem (DuckDB's S3 support is an
+extension it would download at run time). Either way DuckDB reads only the columns each query needs and
+never holds the catalog in memory; the few groupings several figures share (by study) are kept as small
+temporary tables. Every figure is a count, a quantile
 or a pseudonym: no header value that identifies anyone exists in the catalog to begin with, and the
 report prints no object key (a file name may carry a patient's name).
 """
