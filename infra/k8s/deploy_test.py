@@ -108,7 +108,9 @@ def drift(namespace: str, job: str) -> None:
     ]
     logs = kubectl(namespace, "logs", f"job/{job}")
     assert codes and set(codes) <= {0, 3}, f"drift exit codes {codes}:\n{logs[-3000:]}"
-    print(f"drift job ran: exit {codes[0]} ({'alert' if codes[0] == 3 else 'no alert'})")
+    # the archive report of the window's traffic, made in the worker image on its read-only root
+    assert "window report: " in logs, f"no report of the window's traffic:\n{logs[-3000:]}"
+    print(f"drift job ran: exit {codes[0]} ({'alert' if codes[0] == 3 else 'no alert'}), window reported")
 
 
 def step(namespace: str, pipeline: Path, task: str, source: str) -> None:

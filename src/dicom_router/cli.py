@@ -1065,6 +1065,8 @@ def drift(
         for g in result.groups:
             stdout.print(f"{'ALERT' if g.alert else 'ok':5} {g.name}: {g.reason}", highlight=False)
         stdout.print(f"report: {result.report_html}", highlight=False)
+        if result.window_report:
+            stdout.print(f"window report: {result.window_report}", highlight=False)
     return exit_code(result)
 
 
