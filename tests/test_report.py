@@ -35,6 +35,7 @@ from dicom_router.report.figures import (
     histogram_quantiles,
     open_archive,
 )
+from dicom_router.report.render import write_frame_report
 from dicom_router.storage import S3Store, open_store
 from dicom_router.synth import synthesize
 from tests.conftest import phi_values, run_cli
@@ -301,3 +302,13 @@ def test_report_on_the_shared_real_radiographs(xray_real: Path, settings: Settin
     assert labelled == labels
     assert document["deidentification"]["passed"]
     assert {t["tag"] for t in document["deidentification"]["tags"]} >= {"PatientName", "PatientID"}
+
+
+def test_a_window_without_traffic_still_gets_a_report_without_warnings(
+    settings: Settings, recwarn: pytest.WarningsRecorder
+) -> None:
+    out = settings.data_dir / "empty"
+    document = write_frame_report(LOG_SCHEMA.empty_table().to_pandas(), settings, out, name="a quiet night")
+    assert document["instances"] == 0 and document["studies"] is None
+    assert (out / "report.html").read_text().count("a quiet night") == 2  # title and heading
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

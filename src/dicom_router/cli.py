@@ -976,9 +976,10 @@ def report(
     settings = Settings()
     predictions = read_inference_log(inference_log, settings) if inference_log else None
     try:
-        document = archive_report(
-            open_archive(catalog, settings), settings, by=by or DEFAULT_BY, predictions=predictions
-        )
+        with stderr.status(f"report over {catalog}: DuckDB scanning the catalog"):
+            document = archive_report(
+                open_archive(catalog, settings), settings, by=by or DEFAULT_BY, predictions=predictions
+            )
     except ReportInputError as exc:
         raise click.UsageError(str(exc)) from None
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -38,17 +38,18 @@ from dicom_router.monitoring.inference_log import LOG_SCHEMA
 from dicom_router.storage import s3_connection
 
 DEFAULT_BY = ("site_id", "scanner_id")
-AGE_BANDS: tuple[tuple[str, float, float], ...] = (
-    ("0", 0, 1),
-    ("1-4", 1, 5),
-    ("5-11", 5, 12),
-    ("12-17", 12, 18),
-    ("18-39", 18, 40),
-    ("40-64", 40, 65),
-    ("65-79", 65, 80),
-    ("80+", 80, math.inf),
+AGE_BANDS: tuple[tuple[str, float], ...] = (
+    ("0", 1),
+    ("1-4", 5),
+    ("5-11", 12),
+    ("12-17", 18),
+    ("18-39", 40),
+    ("40-64", 65),
+    ("65-79", 80),
+    ("80+", math.inf),
 )
-"""Age bands in whole years (the catalog's ages are already whole years above 2, capped at 90)."""
+"""Age bands in whole years, each up to (not including) its bound (the catalog's ages are already whole
+years from 2, capped at 90)."""
 NUMERIC = ("kvp", "exposure", "pixel_spacing", "rows", "columns")
 CATEGORICAL = ("modality", "manufacturer", "model_name", "photometric", "bits_stored", "transfer_syntax")
 STUDY_CONSISTENCY = {"patients": "patient_hash", "modalities": "modality", "sites": "site_id"}
@@ -329,9 +330,9 @@ def histogram_quantiles(histogram: Sequence[Mapping[str, int]]) -> dict[str, int
     return out
 
 
-def age_band_sql(column: str = "age_years") -> str:
+def _age_band_sql(column: str = "age_years") -> str:
     cases = " ".join(
-        f"WHEN {column} < {upper} THEN '{name}'" for name, _, upper in AGE_BANDS if math.isfinite(upper)
+        f"WHEN {column} < {upper} THEN '{name}'" for name, upper in AGE_BANDS if math.isfinite(upper)
     )
     return f"CASE WHEN {column} IS NULL THEN 'unknown' {cases} ELSE '{AGE_BANDS[-1][0]}' END"
 
@@ -349,7 +350,7 @@ def _population(con: duckdb.DuckDBPyConnection, columns: set[str]) -> dict[str, 
     )
     age = _rows(
         con,
-        f"SELECT site_id, {age_band_sql()} AS band, count(DISTINCT {visit}) AS n FROM catalog "
+        f"SELECT site_id, {_age_band_sql()} AS band, count(DISTINCT {visit}) AS n FROM catalog "
         "GROUP BY ALL ORDER BY site_id NULLS LAST, band",
     )
     return {
@@ -357,7 +358,7 @@ def _population(con: duckdb.DuckDBPyConnection, columns: set[str]) -> dict[str, 
         "sex_counts": "patients" if person == "patient_hash" else "instances",
         "age": age,
         "age_counts": "studies" if visit == "study_uid_hash" else "instances",
-        "age_bands": [name for name, _, _ in AGE_BANDS] + ["unknown"],
+        "age_bands": [name for name, _ in AGE_BANDS] + ["unknown"],
     }
 
 

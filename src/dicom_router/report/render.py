@@ -52,7 +52,8 @@ def _stacked(ax: Any, groups: Sequence[str], series: Mapping[str, Sequence[float
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.invert_yaxis()
     ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="x-small", loc="lower right")
+    if series:
+        ax.legend(fontsize="x-small", loc="lower right")
 
 
 def _pivot(
@@ -84,15 +85,19 @@ def plot_hierarchy(document: Mapping[str, Any]) -> Figure:
     left.invert_yaxis()
     left.set_title(f"instances per {' / '.join(document['by'])} (largest {len(groups)})", fontsize="medium")
     left.legend(fontsize="x-small")
-    for level, style in (("study", "-o"), ("series", "-s")):
-        histogram = document["hierarchy"].get(f"instances_per_{level}", {}).get("histogram", [])
+    histograms = {
+        level: document["hierarchy"].get(f"instances_per_{level}", {}).get("histogram", [])
+        for level in ("study", "series")
+    }
+    for (level, histogram), style in zip(histograms.items(), ("-o", "-s"), strict=True):
         if histogram:
             right.plot([h["size"] for h in histogram], [h["n"] for h in histogram], style, label=level)
     right.set_yscale("log")
     right.set_xlabel("instances")
     right.set_ylabel("studies / series")
     right.set_title("instances per study and per series", fontsize="medium")
-    right.legend(fontsize="x-small")
+    if any(histograms.values()):
+        right.legend(fontsize="x-small")
     return fig
 
 
@@ -124,11 +129,12 @@ def plot_labels(document: Mapping[str, Any]) -> Figure | None:
 
 
 def plot_acquisition(document: Mapping[str, Any]) -> Figure | None:
-    """Box plots of kVp, exposure and pixel spacing per scanner (whiskers p5–p95); flagged scanners red."""
+    """Box plots of kVp, exposure and pixel spacing per scanner (whiskers p5–p95); red: a scanner whose
+    median stands apart from the fleet's."""
     acquisition = document["acquisition"]
     if "skipped" in acquisition:
         return None
-    flagged = {(f["scanner_id"], f["column"]) for f in acquisition["flags"]}
+    flagged = {(f["scanner_id"], f["column"]) for f in acquisition["flags"] if "robust_z" in f}
     columns = [
         c
         for c in ("kvp", "exposure", "pixel_spacing")
@@ -159,7 +165,7 @@ def plot_acquisition(document: Mapping[str, Any]) -> Figure | None:
             box.set_alpha(0.6)
         ax.invert_yaxis()
         ax.set_title(column, fontsize="medium")
-    fig.suptitle("acquisition per scanner (p5–p95; red: flagged)", fontsize="medium")
+    fig.suptitle("acquisition per scanner (p5–p95; red: median apart from the fleet)", fontsize="medium")
     return fig
 
 
