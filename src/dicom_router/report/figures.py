@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class ArchiveSource:
     def schema(self) -> pa.Schema:
         return pq.read_schema(self.files[0], filesystem=self.filesystem)
 
-    @property
+    @cached_property
     def partitions(self) -> set[str]:
         """Columns that come from hive folder names (``site_id=…/``), not from the files."""
         if self.base is None:
@@ -470,10 +471,10 @@ def fleet_flags(numeric: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     flags: list[dict[str, Any]] = []
     for column in ("kvp", "exposure", "pixel_spacing"):
         rows = [r for r in numeric if r["column"] == column and r["p50"] is not None]
-        medians = sorted(float(r["p50"]) for r in rows)
+        medians = [float(r["p50"]) for r in rows]
         if len(medians) >= FLEET_MIN_SCANNERS:
-            centre = _median(medians)
-            mad = 1.4826 * _median(sorted(abs(m - centre) for m in medians))
+            centre = statistics.median(medians)
+            mad = 1.4826 * statistics.median(abs(m - centre) for m in medians)
             for r in rows:
                 gap = float(r["p50"]) - centre
                 z = gap / mad if mad > 0 else 0.0
@@ -500,11 +501,6 @@ def fleet_flags(numeric: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
     return flags
-
-
-def _median(values: Sequence[float]) -> float:
-    n = len(values)
-    return (values[(n - 1) // 2] + values[n // 2]) / 2
 
 
 def _quality(
@@ -538,18 +534,19 @@ def _quality(
         ("content", "content_hash"),
         ("pixels", "pixel_fingerprint"),
     ):
-        if column in columns:
+        if column not in columns:
+            continue
+        if name == "pixels" and qa:  # the ingest hashed the whole pixel data of every fingerprint match
+            confirmed = [group for doc in qa for group in doc.get("duplicates", {}).get("pixels", [])]
+            duplicates[name] = {"groups": len(confirmed), "instances": sum(len(g) for g in confirmed)}
+        else:
             duplicates[name] = _rows(
                 con,
                 f"SELECT count(*) AS groups, coalesce(sum(n), 0) AS instances FROM (SELECT count(*) AS n "
                 f"FROM catalog WHERE {column} IS NOT NULL GROUP BY {column} HAVING count(*) > 1)",
             )[0]
-    if "pixels" in duplicates:
-        confirmed = [group for doc in qa for group in doc.get("duplicates", {}).get("pixels", [])]
-        duplicates["pixels"]["confirmed"] = bool(qa)
-        if qa:  # the ingest hashed the whole pixel data of every fingerprint match
-            duplicates["pixels"]["groups"] = len(confirmed)
-            duplicates["pixels"]["instances"] = sum(len(g) for g in confirmed)
+        if name == "pixels":
+            duplicates[name]["confirmed"] = bool(qa)
     out["duplicates"] = duplicates
     if qa:
         out["unreadable"] = dict(

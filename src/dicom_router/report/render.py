@@ -222,15 +222,14 @@ def _cell(value: Any) -> str:
 
 
 def _categorical_rows(categorical: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per scanner: each column's most frequent value (and how many other values it has)."""
-    by_scanner: defaultdict[str, dict[str, Any]] = defaultdict(dict)
+    """One row per scanner: each column's most frequent value (``+ more`` when it has others)."""
+    seen: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
     for column, rows in categorical.items():
-        for row in rows:  # ordered by scanner, then count: the first row of a scanner is its mode
-            cell = by_scanner[str(row["scanner_id"])]
-            if column not in cell:
-                cell[column] = str(row["value"])
-            elif not cell[column].endswith(" more)"):
-                cell[column] += " (+ more)"
+        for row in rows:  # ordered by scanner, then count: the first value of a scanner is its mode
+            seen[(str(row["scanner_id"]), column)].append(str(row["value"]))
+    by_scanner: defaultdict[str, dict[str, Any]] = defaultdict(dict)
+    for (scanner, column), values in seen.items():
+        by_scanner[scanner][column] = values[0] + (" (+ more)" if len(values) > 1 else "")
     return [{"scanner_id": s, **cells} for s, cells in by_scanner.items()]
 
 
