@@ -2,17 +2,20 @@
 
 1. Hook overhead: C-STORE time (dcmsend of a fresh folder) into an Orthanc with the enqueue-only
    plugin vs a plain Orthanc, alternating, several rounds (target <= 1.05x).
-2. Ingest → routed: the whole chain (hook, queue, router, KServe model server on CPU at 256 px,
-   metadata, forward to a destination Orthanc): per-instance latency p50/p99 from the hook's enqueue
+2. Ingest → routed: the whole chain (hook, queue, router, KServe model server on CPU, metadata,
+   forward to a destination Orthanc): per-instance latency p50/p99 from the hook's enqueue
    to the confirmed delivery, and sustained throughput.
 3. The model server's images/s (HTTP + base64 + decode in its workers) vs ``predict`` in-process on
    the same files: the overhead ratio.
 4. Shadow (``--only shadow``): 2. without and then with a challenger in shadow (the same model run a
    second time per instance, both answers logged): the latency and throughput ratios (target <= 1.3x).
 
-Files: ../shared/xray-real (real radiographs) when present, else synthetic.
+Files: ../shared/xray-real (real radiographs) when present, else synthetic. Model: a bundle of the shape
+``make train-real`` promotes (the fine-tune recipe's members as one ensemble graph, its input size and
+preprocessing), untrained, unless ``--bundle`` or ``--arch`` says otherwise.
 
-    .venv/bin/python bench/routing.py [--rounds 3] [--image-size 256] [--bundle DIR] [--only routed|shadow]
+    .venv/bin/python bench/routing.py [--rounds 3] [--arch A]... [--image-size PX] [--bundle DIR]
+        [--only hook|server|routed|shadow]
 """
 
 from __future__ import annotations
@@ -35,12 +38,16 @@ from pydicom.uid import generate_uid
 
 from dicom_router import stack
 from dicom_router.config import Settings
-from dicom_router.inference import Bundle, PreprocessConfig
-from dicom_router.models import BodyPartNet, export_bundle
+from dicom_router.inference import Bundle
+from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.orthanc.send import dcmsend
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
+from dicom_router.train import recipe_config
+
+RECIPE_MEMBERS = ("tf_efficientnet_lite0", "mobilenetv2_100")
+"""What ``make train-real`` promotes (Makefile ``REAL_TRAIN``): these members as one ensemble."""
 
 
 def fresh_copy(source: Path, out: Path, only: str = "*.dcm") -> Path:
@@ -187,20 +194,30 @@ def server_vs_inprocess(settings: Settings, bundle_dir: Path, source: Path) -> N
     print(f"   ratio               {inprocess / served:6.2f}x (HTTP + base64 + inter-process overhead)")
 
 
+def untrained_bundle(archs: tuple[str, ...] | list[str], image_size: int | None, work: Path) -> Path:
+    """The members as one ensemble graph with the fine-tune recipe's preprocessing: the cost of
+    serving the promoted model, without training it."""
+    torch.manual_seed(0)
+    config = recipe_config("fine-tune", arch=archs[0], **({"image_size": image_size} if image_size else {}))
+    members = [BodyPartNet(arch).eval() for arch in archs]
+    return export_bundle(Scorer(members), config.preprocess, {}, work / "bundle")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--arch", action="append", help=f"Ensemble members (default: {'+'.join(RECIPE_MEMBERS)})"
+    )
+    parser.add_argument("--image-size", type=int, help="Input size (default: the fine-tune recipe's)")
     parser.add_argument(
         "--only",
         choices=("hook", "server", "routed", "shadow"),
         help="Run one of them (shadow: only with --only)",
     )
-    parser.add_argument(
-        "--bundle", type=Path, help="A model bundle directory to serve (default: an untrained ResNet-18)"
-    )
+    parser.add_argument("--bundle", type=Path, help="A model bundle directory to serve instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -211,10 +228,7 @@ def main() -> None:
             source = work / "synth"
             synthesize(source, 200, seed=1)
         print(f"files: {source} ({len(list(source.rglob('*.dcm')))} DICOM)")
-        torch.manual_seed(0)
-        bundle_dir = args.bundle or export_bundle(
-            BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=args.image_size), {}, work / "bundle"
-        )
+        bundle_dir = args.bundle or untrained_bundle(args.arch or RECIPE_MEMBERS, args.image_size, work)
         print(f"model: {json.loads((bundle_dir / 'card.json').read_text()).get('arch')} ({bundle_dir})")
         settings = settings.model_copy(update={"model_uri": str(bundle_dir)})
         os.environ["DICOM_ROUTER_MODEL_URI"] = str(bundle_dir)

@@ -180,6 +180,10 @@ class Prediction:
         return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
 
 
+NO_SPINNING = "session.intra_op.allow_spinning"
+"""ONNX Runtime's session option that lets idle worker threads spin (off here: see ``Bundle``)."""
+
+
 class Bundle:
     """The contract's model bundle on disk, run with ONNX Runtime (CUDA provider when available)."""
 
@@ -199,6 +203,10 @@ class Bundle:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ONNX Runtime's threads spin-wait between runs by default. On a node shared with Orthanc, the
+        # router and the decode workers that burns the CPU they need: the model server spent 47 CPU-ms
+        # per image with spinning and 27 without, the same answers (bench/routing.py).
+        options.add_session_config_entry(NO_SPINNING, "0")
         self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=providers)
 
     def run(
