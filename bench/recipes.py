@@ -40,6 +40,11 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         "fine-tune",
         {"pretrain_synthetic": 1000, "pretrain_epochs": 3},
     ),
+    "fine-tune-synthetic-variety": (
+        ("tf_efficientnet_lite0",),
+        "fine-tune",
+        {"pretrain_synthetic": 1000, "pretrain_epochs": 3, "synthetic_variety": True},
+    ),
     "fine-tune-shallower": (
         ("tf_efficientnet_lite0", "mobilenetv2_100"),
         "fine-tune",
@@ -68,6 +73,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     settings = Settings()
+    if settings.weights_dir is None:  # as make train-real: MobileNet weights from ../shared/weights
+        settings = settings.model_copy(update={"weights_dir": settings.shared_dir / "weights"})
     folders = [settings.shared_dir / name for name in ("xray-real", "xray-more")]
     missing = [str(f) for f in folders if not (f / "labels.csv").is_file()]
     if missing:

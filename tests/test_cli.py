@@ -69,6 +69,11 @@ def test_synth_lists_profiles_and_writes_labelled_files(tmp_path: Path) -> None:
     assert header == "file,label,site" and len(rows) == 12
     assert all((out / row.split(",")[0]).is_file() for row in rows)
     assert run_cli("synth", str(out), "--site-profile", "nowhere").returncode == 64
+    varied = tmp_path / "varied"
+    args = ("--n", "12", "--sites", "2", "--seed", "1", "--long-side", "64", "--variety")
+    assert run_cli("synth", str(varied), *args).returncode == 0
+    assert (varied / "labels.csv").read_text() == (out / "labels.csv").read_text()
+    assert any((varied / r.split(",")[0]).read_bytes() != (out / r.split(",")[0]).read_bytes() for r in rows)
 
 
 @pytest.mark.usefixtures("settings")

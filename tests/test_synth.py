@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from dicom_router import LABELS
-from dicom_router.synth import PROFILES, SynthRecord, list_profiles, render_phantom, synthesize
+from dicom_router.synth import PROFILES, SynthRecord, list_profiles, render_phantom, render_view, synthesize
+from dicom_router.synth.phantoms import _DRAWERS, VARIETY, Drawer, _Canvas
 from dicom_router.synth.profiles import CR_IMAGE_STORAGE, DX_IMAGE_STORAGE_FOR_PRESENTATION
 from dicom_router.synth.writer import _label_counts
 
@@ -233,3 +234,50 @@ def test_profiles_span_different_equipment() -> None:
     assert len({p.bits_stored for p in profiles}) >= 4
     assert len({p.manufacturer for p in profiles}) == len(profiles)
     assert len({p.institution for p in profiles}) == len(profiles)
+
+
+@pytest.mark.parametrize(
+    ("label", "drawer"),
+    [(label, drawer) for label, extra in VARIETY.items() for drawer, _ in extra],
+    ids=lambda x: getattr(x, "__name__", str(x)).strip("_"),
+)
+def test_every_variety_view_draws_a_varied_radiograph_with_its_view_position(
+    label: str, drawer: Drawer
+) -> None:
+    images = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        canvas = _Canvas((96, 80), rng, _DRAWERS[label][1])
+        view, flip = drawer(canvas, rng)
+        assert view in {"AP", "PA", "LL"} and isinstance(flip, bool)
+        images.append(canvas.compose())
+    for image in images:
+        assert image.std() > 0.05 and np.isfinite(image).all()
+    assert not np.array_equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("label", ["adult_chest", "pediatric_chest"])
+def test_variety_adds_lateral_chests_at_their_share_and_the_classic_set_has_none(label: str) -> None:
+    def laterals(variety: bool) -> int:
+        views = [
+            render_view(label, np.random.default_rng(s), (64, 64), variety=variety)[1] for s in range(120)
+        ]
+        return views.count("LL")
+
+    share = dict((d.__name__, s) for d, s in VARIETY[label])[f"_{label}_lateral"]
+    assert laterals(variety=False) == 0
+    assert abs(laterals(variety=True) / 120 - share) < 0.12
+
+
+def test_a_variety_archive_is_deterministic_and_changes_only_labels_with_extra_views(tmp_path: Path) -> None:
+    records = synthesize(tmp_path / "a", 16, seed=3, long_side_px=SMALL, variety=True)
+    synthesize(tmp_path / "b", 16, seed=3, long_side_px=SMALL, variety=True)
+    synthesize(tmp_path / "classic", 16, seed=3, long_side_px=SMALL)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+    def same(record: SynthRecord) -> bool:
+        a, classic = (pydicom.dcmread(tmp_path / d / record.file).pixel_array for d in ("a", "classic"))
+        return bool(np.array_equal(a, classic))
+
+    assert all(same(r) for r in records if r.label not in VARIETY)
+    assert not all(same(r) for r in records if r.label in VARIETY)

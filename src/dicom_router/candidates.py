@@ -471,6 +471,7 @@ def synthetic_backbone(
                 config.preprocess.fingerprint(),
                 f"n{config.pretrain_synthetic}",
                 f"e{config.pretrain_epochs}",
+                *(("variety",) if config.synthetic_variety else ()),
                 *((f"init{init.sha256[:12]}",) if init else ()),
             )
         )
@@ -480,7 +481,8 @@ def synthetic_backbone(
     if weights.is_file():
         state: dict[str, Any] = torch.load(weights, map_location="cpu")
         return state
-    folder = settings.data_dir / "pretrained" / f"synthetic-n{config.pretrain_synthetic}-{config.seed}"
+    kind = "synthetic-variety" if config.synthetic_variety else "synthetic"
+    folder = settings.data_dir / "pretrained" / f"{kind}-n{config.pretrain_synthetic}-{config.seed}"
     if not (folder / "labels.csv").is_file():
         synthesize(
             folder,
@@ -488,6 +490,7 @@ def synthetic_backbone(
             sites=len(PROFILES),
             seed=10_000 + config.seed,
             long_side_px=max(2 * config.image_size, 128),
+            variety=config.synthetic_variety,
             progress=progress,
         )
     labelled = load_labelled(settings, data=[str(folder)])

@@ -57,6 +57,11 @@ def _report_errors(errors: list[Any]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same files)")
 @click.option("--site-profile", help="Use only this site profile")
 @click.option("--long-side", type=click.IntRange(min=16), help="Image long side in pixels")
+@click.option(
+    "--variety",
+    is_flag=True,
+    help="Also the views real archives hold (laterals, cervical spines, DXA, contrast)",
+)
 @click.option("--list-profiles", is_flag=True, help="List site profiles")
 def synth(
     out_dir: Path | None,
@@ -65,6 +70,7 @@ def synth(
     seed: int,
     site_profile: str | None,
     long_side: int | None,
+    variety: bool,
     list_profiles: bool,
 ) -> int:
     """Synthetic multi-site X-ray DICOMs of the five classes, plus labels.csv (file,label,site)."""
@@ -87,6 +93,7 @@ def synth(
             seed=seed,
             site_profile=site_profile,
             long_side_px=long_side,
+            variety=variety,
             progress=True,
         )
     except ValueError as exc:
@@ -299,6 +306,9 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
     "--pretrain-synthetic", type=click.IntRange(min=0), default=0, help="Synthetic images to pretrain on"
 )
 @click.option("--pretrain-epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--synthetic-variety", is_flag=True, help="Pretrain on synthetic images with the views archives hold"
+)
 @click.option("--ensemble", is_flag=True, help="Also publish all architectures as one averaged bundle")
 @click.option("--tta", is_flag=True, help="Bundles average each image with its mirror image")
 @click.option("--register", is_flag=True, help="Register each candidate in MLflow (tag candidate)")
@@ -332,6 +342,7 @@ def train(
     init_weights: str | None,
     pretrain_synthetic: int,
     pretrain_epochs: int,
+    synthetic_variety: bool,
     ensemble: bool,
     tta: bool,
     register: bool,
@@ -368,6 +379,7 @@ def train(
         "equalize": equalize,
         "pretrain_synthetic": pretrain_synthetic,
         "pretrain_epochs": pretrain_epochs,
+        "synthetic_variety": synthetic_variety,
     }
     # the recipe's values replace the options' defaults, never what the user gave
     explicit = {

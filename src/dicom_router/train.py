@@ -71,6 +71,8 @@ class TrainConfig(BaseModel):
     """Synthetic images to pretrain the backbone on first (0: none), after ImageNet initialisation when
     ``pretrained``."""
     pretrain_epochs: int = 10
+    synthetic_variety: bool = False
+    """Pretrain on synthetic images that also hold the views real archives hold (``phantoms.VARIETY``)."""
     equalize: bool = False
     """Histogram-equalise images in preprocessing (see PreprocessConfig)."""
 

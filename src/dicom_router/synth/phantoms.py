@@ -268,6 +268,34 @@ def _column_ap(
         y += pitch * grow
 
 
+def _column_lateral(
+    c: _Canvas, *, x0: float, y_top: float, y_bottom: float, half: Point, bend: float, amount: float
+) -> None:
+    """Vertebrae seen from the side (front to the left): bodies, pedicles and spinous processes behind,
+    along ``x = x0 + bend·y²`` (bend > 0: lordosis, < 0: kyphosis)."""
+    hx, hy = half
+    y = y_top
+    while y < y_bottom:
+        x = x0 + bend * y * y
+        tilt = math.degrees(math.atan(2 * bend * y))
+        c.block(c.bone, (x, y), (hx, hy), amount, angle=tilt)
+        px = x + hx * 1.05
+        c.stroke(
+            c.bone,
+            [(px, y - 0.4 * hy), (px + 0.8 * hx, y)],
+            [0.45 * hy, 0.35 * hy],
+            0.56 * amount,
+            kind="shell",
+        )
+        c.stroke(
+            c.bone,
+            [(px + 0.7 * hx, y - 0.1 * hy), (px + 1.9 * hx, y + 0.7 * hy)],
+            [0.3 * hy, 0.15 * hy],
+            0.62 * amount,
+        )
+        y += 2.0 * hy * 1.3
+
+
 def _trunk(
     c: _Canvas, half_width: float, amount: float, *, center_x: float = 0.0, top: float | None = None
 ) -> None:
@@ -497,17 +525,8 @@ def _spine(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
     _trunk(c, rng.uniform(1.1, 1.5), 0.65, center_x=-0.3)
     bend = rng.uniform(-0.12, 0.12)
     x0 = rng.uniform(-0.35, -0.15)
-    hx, hy = rng.uniform(0.2, 0.24), rng.uniform(0.09, 0.11)
-    y = -1.8
-    while y < 1.8:
-        x = x0 + bend * y * y
-        slope = 2 * bend * y
-        tilt = math.degrees(math.atan(slope))
-        c.block(c.bone, (x, y), (hx, hy), 0.32, angle=tilt)
-        px = x + hx * 1.05
-        c.stroke(c.bone, [(px, y - 0.4 * hy), (px + 0.18, y)], [0.45 * hy, 0.35 * hy], 0.18, kind="shell")
-        c.stroke(c.bone, [(px + 0.15, y - 0.1 * hy), (px + 0.42, y + 0.7 * hy)], [0.3 * hy, 0.15 * hy], 0.2)
-        y += 2.0 * hy * 1.3
+    half = (rng.uniform(0.2, 0.24), rng.uniform(0.09, 0.11))
+    _column_lateral(c, x0=x0, y_top=-1.8, y_bottom=1.8, half=half, bend=bend, amount=0.32)
     _bowel_gas(c, rng, (-1.2, -0.6, -0.4, 1.5), int(rng.integers(2, 7)))
     if rng.random() < 0.5:
         c.ellipse(c.bone, (x0 + 0.1, 1.45), (0.6, 0.45), 0.12, kind="shell")
@@ -640,6 +659,175 @@ def _others(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
     return draw(c, rng), bool(rng.random() < 0.5)
 
 
+# --- the variety real archives hold (``variety=True``) ----------------------------------------------
+
+
+def _chest_lateral(c: _Canvas, rng: np.random.Generator, *, child: bool) -> None:
+    """Lateral chest (front to the left): one broad lung field, heart in front, spine behind, sternum,
+    diaphragm domes, arms raised across the top."""
+    depth = rng.uniform(0.75, 0.9) * (0.8 if child else 1.0)
+    apex, dia = (-0.6, 0.3) if child else (rng.uniform(-0.95, -0.8), rng.uniform(0.45, 0.6))
+    _trunk(c, depth + 0.1, 0.6, top=apex - 0.2)
+    _lung(c, (0.02, apex), 0.82 * depth, dia, dome=rng.uniform(0.15, 0.25), amount=0.75)
+    _vessels(c, rng, (0.0, rng.uniform(-0.2, 0.0)), -1.0, 0.5 * depth)
+    _vessels(c, rng, (0.0, rng.uniform(-0.2, 0.0)), 1.0, 0.5 * depth)
+    heart = (-0.32 * depth, dia - 0.22)
+    c.ellipse(c.air, heart, (0.36 * depth, 0.3), -1.0, angle=25.0, kind="plateau", edge=0.3)
+    c.ellipse(c.tissue, heart, (0.36 * depth, 0.3), 0.1, angle=25.0)
+    c.stroke(c.bone, _arc((-0.9 * depth, apex + 0.2), (-0.8 * depth, dia), 0.05), 0.035, 0.2, kind="shell")
+    hy = 0.045 if child else 0.065
+    _column_lateral(
+        c, x0=0.7 * depth, y_top=apex - 0.3, y_bottom=1.8, half=(1.6 * hy, hy), bend=-0.05, amount=0.16
+    )
+    for k in range(8):
+        y = apex + 0.12 + 0.14 * k
+        c.stroke(c.bone, _arc((0.75 * depth, y), (-0.7 * depth, y + 0.35), 0.1), 0.018, 0.06, kind="shell")
+    for _ in range(2):
+        top = (rng.uniform(-0.3, 0.3), apex - 0.9)
+        c.stroke(c.tissue, [top, (rng.uniform(0.1, 0.5), apex + 0.1)], [0.16, 0.14], 0.3)
+        c.stroke(c.bone, [top, (rng.uniform(0.1, 0.5), apex + 0.1)], [0.05, 0.05], 0.16, kind="shell")
+
+
+def _adult_chest_lateral(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
+    _chest_lateral(c, rng, child=False)
+    return "LL", bool(rng.random() < 0.3)
+
+
+def _pediatric_chest_lateral(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
+    _chest_lateral(c, rng, child=True)
+    _bowel_gas(c, rng, (-0.5, 0.3, 0.45, 1.2), int(rng.integers(4, 10)))
+    return "LL", bool(rng.random() < 0.3)
+
+
+def _supine_chest(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
+    """Supine or portable AP chest: the PA drawing under a raised diaphragm, lines and leads on top."""
+    _adult_chest(c, rng)
+    c.ellipse(c.tissue, (0.0, 0.75), (1.1, 0.55), 0.25)
+    c.stroke(c.bone, _arc((0.55, -1.4), (0.08, -0.2), 0.1), 0.012, 0.35)
+    for _ in range(int(rng.integers(2, 5))):
+        c.ellipse(c.bone, (rng.uniform(-0.7, 0.7), rng.uniform(-0.8, 0.4)), (0.04, 0.04), 0.6, kind="shell")
+    return "AP", False
+
+
+def _cervical_spine(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
+    """Cervical spine, mostly lateral (skull base and jaw above, lordotic C2–C7, airway in front,
+    shoulders below) or AP (small stacked bodies, jaw across the top, trachea, clavicles)."""
+    if rng.random() < 0.7:
+        c.stroke(c.tissue, [(0.05, -2.0), (0.05, 1.2)], [0.7, 0.8], 0.5)
+        c.ellipse(c.tissue, (0.3, -1.7), (1.0, 0.6), 0.4)
+        c.ellipse(c.bone, (0.35, -1.65), (0.95, 0.5), 0.3, kind="shell")
+        jaw = [(-0.05, -1.55), (-0.15, -1.05), (-0.8, -0.95)]
+        c.stroke(c.bone, jaw, [0.07, 0.09, 0.07], 0.3, kind="shell")
+        airway = _arc((-0.5, -1.3), (-0.4, 1.6), rng.uniform(-0.1, 0.05))
+        c.stroke(c.air, airway, 0.09, 0.6, kind="plateau", edge=0.4)
+        half = (rng.uniform(0.15, 0.19), rng.uniform(0.07, 0.085))
+        _column_lateral(
+            c,
+            x0=rng.uniform(-0.05, 0.1),
+            y_top=-1.0,
+            y_bottom=1.1,
+            half=half,
+            bend=rng.uniform(0.0, 0.12),
+            amount=0.3,
+        )
+        c.ellipse(c.bone, (0.05, -1.15), (0.06, 0.14), 0.3, kind="shell")
+        c.ellipse(c.tissue, (0.2, 1.6), (1.3, 0.45), 0.4)
+        return "LL", bool(rng.random() < 0.3)
+    c.stroke(c.tissue, [(0.0, -2.0), (0.0, 1.0)], [0.6, 0.7], 0.45)
+    _column_ap(c, rng, y_top=-0.9, y_bottom=1.2, half=(0.16, 0.065), amount=0.28, sway=rng.uniform(0.0, 0.03))
+    c.stroke(c.bone, _arc((-0.7, -1.3), (0.7, -1.3), 0.35, 7), 0.07, 0.35, kind="shell")
+    c.stroke(c.air, [(0.0, -0.6), (0.0, 1.8)], [0.07, 0.09], 0.4, kind="plateau", edge=0.4)
+    for side in (-1.0, 1.0):
+        c.stroke(c.bone, _arc((side * 0.1, 1.35), (side * 1.1, 1.15), side * 0.05), 0.05, 0.3, kind="shell")
+        c.ellipse(c.tissue, (side * 1.0, 1.6), (0.6, 0.5), 0.35)
+    return "AP", False
+
+
+def _thoracic_lateral(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
+    """Thoracic spine, lateral: kyphotic bodies behind the lung field, ribs and scapulae across them."""
+    _trunk(c, rng.uniform(1.2, 1.5), 0.6, center_x=-0.3)
+    _lung(c, (-0.3, -2.2), 1.1, 2.4, dome=0.2, amount=0.5)
+    half = (rng.uniform(0.19, 0.23), rng.uniform(0.085, 0.1))
+    _column_lateral(
+        c,
+        x0=rng.uniform(0.1, 0.3),
+        y_top=-1.8,
+        y_bottom=1.8,
+        half=half,
+        bend=-rng.uniform(0.03, 0.12),
+        amount=0.3,
+    )
+    for k in range(10):
+        y = -1.7 + 0.35 * k
+        c.stroke(c.bone, _arc((0.6, y), (-1.0, y + 0.5), 0.15), 0.03, 0.08, kind="shell")
+    c.ellipse(c.bone, (0.45, rng.uniform(-1.2, -0.6)), (0.35, 0.7), 0.08, kind="shell")
+    return "LL", bool(rng.random() < 0.5)
+
+
+def _pelvis_ap(c: _Canvas, rng: np.random.Generator) -> str:
+    """Pelvis AP: wings, sacrum, hips and proximal femurs filling the film, lower lumbar spine above."""
+    _trunk(c, rng.uniform(1.1, 1.3), 0.6)
+    _pelvis(c, rng, rng.uniform(-0.7, -0.45), rng.uniform(1.25, 1.45), 0.3)
+    _column_ap(c, rng, y_top=-2.0, y_bottom=-0.7, half=(0.2, 0.1), amount=0.25, sway=0.0)
+    _bowel_gas(c, rng, (-0.6, 0.6, -1.2, -0.3), int(rng.integers(2, 8)))
+    return "AP"
+
+
+def _child_limb(c: _Canvas, rng: np.random.Generator) -> str:
+    """A child's knee or ankle: slender shafts, rounded epiphyses apart from them by dark growth plates."""
+    joint = rng.uniform(-0.2, 0.2)
+    w = rng.uniform(0.16, 0.2)
+    c.stroke(c.tissue, [(0.0, -2.0), (0.0, joint), (0.0, 2.0)], [0.5, 0.48, 0.38], 0.5)
+    c.stroke(c.bone, [(0.0, -2.0), (0.0, joint - 0.3)], [w, 1.4 * w], 0.42, kind="shell")
+    c.ellipse(c.bone, (0.0, joint - 0.16), (1.6 * w, 0.09), 0.38, kind="shell")
+    c.ellipse(c.bone, (0.0, joint + 0.16), (1.5 * w, 0.08), 0.38, kind="shell")
+    c.stroke(c.bone, [(0.0, joint + 0.3), (0.0, 2.0)], [1.3 * w, 0.9 * w], 0.42, kind="shell")
+    if rng.random() < 0.6:
+        c.stroke(c.bone, [(1.3 * w, joint + 0.35), (1.1 * w, 2.0)], [0.04, 0.03], 0.3, kind="shell")
+    return "AP" if rng.random() < 0.6 else "LL"
+
+
+def _dxa(c: _Canvas, rng: np.random.Generator) -> str:
+    """A bone densitometry scan: lumbar spine or hip on a flat grey field, cropped tight, with the
+    region-of-interest lines burnt in."""
+    c.tissue += 0.25
+    if rng.random() < 0.5:
+        _column_ap(c, rng, y_top=-1.5, y_bottom=1.5, half=(0.3, 0.16), amount=0.5, sway=0.0)
+        for k in range(5):
+            c.block(c.bone, (0.0, -1.2 + 0.6 * k), (0.6, 0.004), 1.0, kind="plateau")
+    else:
+        _pelvis(c, rng, -1.6, 2.2, 0.45)
+        c.block(c.bone, (0.7, -0.2), (0.25, 0.25), 0.9, angle=35.0, kind="plateau", edge=0.02)
+        c.block(c.bone, (0.7, -0.2), (0.23, 0.23), -0.9, angle=35.0, kind="plateau", edge=0.02)
+    return "AP"
+
+
+def _contrast_study(c: _Canvas, rng: np.random.Generator) -> str:
+    """A fluoroscopy or contrast study: barium-filled bowel loops or oesophagus, brighter than bone."""
+    _trunk(c, rng.uniform(0.9, 1.1), 0.55)
+    _column_ap(c, rng, y_top=-1.6, y_bottom=1.6, half=(0.14, 0.075), amount=0.2, sway=0.02)
+    if rng.random() < 0.5:
+        path = [(rng.uniform(-0.1, 0.1), -1.8)] + [
+            (rng.normal(0.05, 0.08), -1.8 + 0.6 * k) for k in range(1, 6)
+        ]
+        c.stroke(c.bone, path, rng.uniform(0.06, 0.12), 0.9, kind="plateau", edge=0.3)
+    else:
+        x, y = rng.uniform(-0.6, 0.6), rng.uniform(-1.0, 1.0)
+        loop = [(x, y)]
+        for _ in range(14):
+            x = float(np.clip(x + rng.normal(0, 0.3), -0.8, 0.8))
+            y = float(np.clip(y + rng.normal(0, 0.3), -1.4, 1.4))
+            loop.append((x, y))
+        c.stroke(c.bone, loop, rng.uniform(0.05, 0.1), 0.8, kind="plateau", edge=0.4)
+    return "AP"
+
+
+def _others_variety(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
+    """What else an archive holds: pelvis, children's limbs, densitometry and contrast studies."""
+    draw = [_pelvis_ap, _child_limb, _dxa, _contrast_study][int(rng.choice(4, p=[0.3, 0.3, 0.15, 0.25]))]
+    return draw(c, rng), bool(rng.random() < 0.5)
+
+
 Drawer = Callable[[_Canvas, np.random.Generator], tuple[str, bool]]
 
 _DRAWERS: dict[str, tuple[Drawer, tuple[float, float]]] = {
@@ -650,6 +838,17 @@ _DRAWERS: dict[str, tuple[Drawer, tuple[float, float]]] = {
     "others": (_others, (0.7, 0.95)),
 }
 """Each label's drawing function and the range of its pose scale (how much of the body fills the image)."""
+
+VARIETY: dict[str, tuple[tuple[Drawer, float], ...]] = {
+    "adult_chest": ((_adult_chest_lateral, 0.3), (_supine_chest, 0.2)),
+    "pediatric_chest": ((_pediatric_chest_lateral, 0.3),),
+    "spine": ((_cervical_spine, 0.35), (_thoracic_lateral, 0.2)),
+    "others": ((_others_variety, 0.5),),
+}
+"""With ``variety``, the views real archives hold beside the classic ones (each with its share of the
+label; the classic drawing keeps the rest): lateral and supine chests, infants' laterals, cervical and
+thoracic spines, and for ``others`` pelvis, children's limbs, densitometry and contrast studies. A
+model trained on the classic set alone learns one look per label; these teach it anatomy."""
 
 
 def _blur_resample(n_out: int, n_in: int, sigma: float) -> FloatArray:
@@ -676,8 +875,11 @@ def _collimate(image: FloatArray, rng: np.random.Generator) -> None:
     image += level * (1.0 - inside)
 
 
-def render_view(label: str, rng: np.random.Generator, shape: tuple[int, int]) -> tuple[FloatArray, str]:
-    """One phantom of ``label`` and the DICOM ViewPosition it was drawn in (``PA``, ``AP``, ``LL``).
+def render_view(
+    label: str, rng: np.random.Generator, shape: tuple[int, int], *, variety: bool = False
+) -> tuple[FloatArray, str]:
+    """One phantom of ``label`` and the DICOM ViewPosition it was drawn in (``PA``, ``AP``, ``LL``);
+    with ``variety`` also the views of ``VARIETY``.
 
     The writer needs the view to keep the header consistent with the pixels; the image alone is
     ``render_phantom``.
@@ -691,6 +893,13 @@ def render_view(label: str, rng: np.random.Generator, shape: tuple[int, int]) ->
     k = min(max(long_side, _RENDER_LONG_SIDE[0]), _RENDER_LONG_SIDE[1]) / long_side
     inner = (max(8, round(rows * k)), max(8, round(cols * k)))
     draw, scale = _DRAWERS[label]
+    if variety and label in VARIETY:
+        pick = rng.random()
+        for drawer, share in VARIETY[label]:
+            if pick < share:
+                draw = drawer
+                break
+            pick -= share
     canvas = _Canvas(inner, rng, scale)
     view, flip = draw(canvas, rng)
     image = canvas.compose()
@@ -703,6 +912,8 @@ def render_view(label: str, rng: np.random.Generator, shape: tuple[int, int]) ->
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32), view
 
 
-def render_phantom(label: str, rng: np.random.Generator, shape: tuple[int, int]) -> FloatArray:
+def render_phantom(
+    label: str, rng: np.random.Generator, shape: tuple[int, int], *, variety: bool = False
+) -> FloatArray:
     """A float32 attenuation image in [0, 1] of ``label`` (bone bright, air dark), varied by ``rng``."""
-    return render_view(label, rng, shape)[0]
+    return render_view(label, rng, shape, variety=variety)[0]

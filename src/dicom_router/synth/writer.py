@@ -313,11 +313,13 @@ def _voi_and_modality_lut(
         ds.PixelPaddingValue = pad_value
 
 
-def _write(shot: _Shot, profile: SiteProfile, seed: int, long_side: int, path: Path) -> None:
+def _write(
+    shot: _Shot, profile: SiteProfile, seed: int, long_side: int, path: Path, *, variety: bool
+) -> None:
     phantom_rng = np.random.default_rng([seed, shot.index, 0])
     detector_rng = np.random.default_rng([seed, shot.index, 1])
     shape = _image_shape(phantom_rng, long_side)
-    phantom, view = render_view(shot.patient.label, phantom_rng, shape)
+    phantom, view = render_view(shot.patient.label, phantom_rng, shape, variety=variety)
     ds, dose = _dataset(shot, profile, seed, view, detector_rng)
     image = _expose(phantom, profile, detector_rng, dose)
     border = _padding_border(detector_rng, shape) if profile.padding else None
@@ -351,14 +353,16 @@ def synthesize(
     seed: int = 0,
     site_profile: str | None = None,
     long_side_px: int | None = None,
+    variety: bool = False,
     progress: bool = False,
 ) -> list[SynthRecord]:
     """Write ``n`` labelled synthetic X-rays as ``out_dir/<site>/<NNNN>.dcm`` plus ``out_dir/labels.csv``.
 
     Images come from the first ``sites`` profiles in turn (one per patient), or all from
     ``site_profile``. ``long_side_px`` replaces every profile's image size (tiny for tests, full
-    detector size for benchmarks). The same arguments always give the same bytes; use different
-    seeds for disjoint data sets.
+    detector size for benchmarks). ``variety`` adds the views real archives hold (``phantoms.VARIETY``:
+    lateral chests, cervical spines, pelvis, densitometry, contrast studies ...). The same arguments
+    always give the same bytes; use different seeds for disjoint data sets.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -375,7 +379,7 @@ def synthesize(
     for shot in track(shots, description="synthesizing", disable=not progress):
         profile = profiles[shot.patient.site]
         file = f"{profile.name}/{shot.index:04d}.dcm"
-        _write(shot, profile, seed, long_side_px or profile.long_side_px, out_dir / file)
+        _write(shot, profile, seed, long_side_px or profile.long_side_px, out_dir / file, variety=variety)
         records.append(SynthRecord(file=file, label=shot.patient.label, site=profile.name))
     with (out_dir / "labels.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
