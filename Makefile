@@ -12,12 +12,13 @@ SHARED ?= $(or $(DICOM_ROUTER_SHARED_DIR),../shared)
 REAL_DATA := --data $(SHARED)/xray-real --data $(SHARED)/xray-more --collections training/shared-collections.csv
 REAL_TRAIN ?= --recipe fine-tune --arch tf_efficientnet_lite0 --arch mobilenetv2_100 --ensemble
 
-.PHONY: help venv system-deps tools pipelines lint test deploy-test demo train-real lock clean
+.PHONY: help venv system-deps tools pipelines lint test deploy-test gpu-image demo train-real lock clean
 
 help:
 	@echo "make demo   - install what is missing, then run the main job end to end on the local stack"
 	@echo "make test   - install what is missing, then ruff, mypy and pytest"
 	@echo "make deploy-test - build the images, install the chart on a real cluster (../shared/k8s), route DICOM through its pods"
+	@echo "make gpu-image - build the GPU predictor image (ONNX Runtime CUDA) and check it loads CUDA and serves"
 	@echo "make train-real - fine-tune on ../shared's labelled radiographs (collection-grouped CV first), register, promote"
 	@echo "make lock   - re-resolve requirements/*.in into requirements/lock.txt (exact pins)"
 
@@ -60,6 +61,11 @@ test: $(STAMP) system-deps tools lint
 # The chart on a real Kubernetes cluster with the project's own images (infra/k8s/deploy-test.sh; root).
 deploy-test: $(STAMP) system-deps tools
 	infra/k8s/deploy-test.sh
+
+# The GPU predictor image, on its own (not in CI: its CUDA wheels add minutes and gigabytes, and no GPU is
+# here to run it on): built, its CUDA libraries loaded, a bundle served from it (infra/images/; root).
+gpu-image: $(STAMP)
+	infra/images/gpu-predictor-test.sh
 
 demo: $(STAMP) system-deps
 	$(BIN)/dicom-router demo

@@ -28,6 +28,7 @@ from dicom_router.routing.rules import RoutingRules
 from dicom_router.serving.inferenceservice import (
     InferenceServiceSpec,
     load_crd_schema,
+    predictor_image,
     render_inference_service,
     validate_inference_service,
 )
@@ -201,7 +202,7 @@ def spec_from_values(v: dict[str, Any]) -> InferenceServiceSpec:
         namespace=NAMESPACE,
         model_version=str(isv["modelVersion"]),
         storage_uri=isv["storageUri"],
-        image=f"{v['images']['registry']}/predictor:{tag}",
+        image=predictor_image(v["images"]["registry"], tag, gpu=isv["gpu"]["enabled"]),
         service_account=isv["serviceAccount"],
         gpu=isv["gpu"]["enabled"],
         gpu_count=isv["gpu"]["count"],
@@ -661,7 +662,7 @@ def test_every_image_the_chart_uses_is_a_dockerfile_target_running_as_non_root()
                 registry_and_name, _, tag = container["image"].rpartition(":")
                 assert tag and tag != "latest", container["image"]
                 used.add(registry_and_name.rsplit("/", 1)[1])
-    assert used == {"predictor", "worker", "mlflow", "evidently", "orthanc"}
+    assert used == {"predictor", "predictor-gpu", "worker", "mlflow", "evidently", "orthanc"}
     for target in used | {"components"}:
         user = stages[target]["user"]
         assert user is not None and user.split(":")[0] not in ("root", "0"), f"{target} runs as {user}"

@@ -15,6 +15,7 @@ from dicom_router.serving.inferenceservice import (
     example_spec,
     image_tag,
     load_crd_schema,
+    predictor_image,
     render_example,
     render_inference_service,
     to_yaml,
@@ -214,3 +215,11 @@ def test_checked_in_example_is_current(crd_schema: dict[str, Any]) -> None:
 
 def test_schema_is_parsed_once_per_folder(shared_dir: Path) -> None:
     assert load_crd_schema(shared_dir / "k8s-schemas") is load_crd_schema(shared_dir / "k8s-schemas" / ".")
+
+
+def test_gpu_nodes_get_the_cuda_predictor_image_and_cpu_nodes_the_lean_one() -> None:
+    gpu = predictor_image("ghcr.io/dicom-router/", "0.1.0", gpu=True)
+    assert gpu == "ghcr.io/dicom-router/predictor-gpu:0.1.0"
+    assert predictor_image("registry.local", "2.0", gpu=False) == "registry.local/predictor:2.0"
+    example = render_inference_service(example_spec())
+    assert predictor(example)["containers"][0]["image"].endswith("/predictor-gpu:0.1.0")

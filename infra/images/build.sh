@@ -4,7 +4,7 @@
 #
 # Usage:
 #   infra/images/build.sh [--save DIR] [--rebuild-bases] TARGET...
-#     TARGET           one or more Dockerfile targets: predictor worker components mlflow evidently orthanc
+#     TARGET           one or more Dockerfile targets: predictor predictor-gpu worker components mlflow evidently orthanc
 #     --save DIR       also write each image as an OCI archive DIR/TARGET.tar (podman save --format oci-archive),
 #                      e.g. for `ctr -n k8s.io images import DIR/TARGET.tar` on a containerd node
 #     --rebuild-bases  recreate the stand-in base images even if they exist in local storage

@@ -200,6 +200,8 @@ class Bundle:
         self.preprocess = PreprocessConfig.model_validate_json((path / "preprocess.json").read_text())
         self.card: dict[str, Any] = json.loads((path / "card.json").read_text())
         available = ort.get_available_providers()
+        if "CUDAExecutionProvider" in available:  # the GPU image: CUDA and cuDNN come as NVIDIA's wheels
+            ort.preload_dlls()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -135,12 +135,20 @@ def image_tag(image: str) -> str | None:
     return tag if colon and tag else None
 
 
+def predictor_image(registry: str, version: str, *, gpu: bool) -> str:
+    """The predictor image for the node it runs on: ONNX Runtime's CUDA build (``predictor-gpu``) on GPU
+    nodes, the CPU build elsewhere. The CPU image on a GPU node would leave the GPU idle; the GPU image
+    elsewhere would pull gigabytes of CUDA libraries for nothing."""
+    return f"{registry.rstrip('/')}/{'predictor-gpu' if gpu else 'predictor'}:{version}"
+
+
 def example_spec() -> InferenceServiceSpec:
     """The inputs of ``serving/inferenceservice.example.yaml`` (a test keeps that file current)."""
     return InferenceServiceSpec(
         model_version="1",
         storage_uri="s3://dicom-router/mlflow/artifacts/1/0123456789abcdef0123456789abcdef/artifacts/bundle",
-        image="ghcr.io/dicom-router/predictor:0.1.0",
+        image=predictor_image("ghcr.io/dicom-router", "0.1.0", gpu=True),
+        gpu=True,
     )
 
 

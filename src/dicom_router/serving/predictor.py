@@ -387,7 +387,13 @@ class BodyPartModel(Model):  # type: ignore[misc]
         self.bundle = bundle
         self.ready = True
         if previous is None or previous.version != bundle.version:
-            log.info("serving %s/%s from %s", bundle.name, bundle.version, bundle.path)
+            log.info(
+                "serving %s/%s from %s on %s",
+                bundle.name,
+                bundle.version,
+                bundle.path,
+                bundle.session.get_providers()[0],
+            )
         if previous is not None and previous.version != bundle.version:
             RELOADS.inc()
 

@@ -67,6 +67,7 @@ def deploy(version: str, out_dir: str, settings: Settings, *, cluster: str = "")
     from dicom_router.registry import load_bundle
     from dicom_router.serving.inferenceservice import (
         InferenceServiceSpec,
+        predictor_image,
         render_inference_service,
         to_yaml,
     )
@@ -82,7 +83,8 @@ def deploy(version: str, out_dir: str, settings: Settings, *, cluster: str = "")
         namespace=settings.k8s_namespace,
         model_version=str(version),
         storage_uri=storage_uri,
-        image=f"{settings.k8s_image_registry.rstrip('/')}/predictor:{dicom_router.__version__}",
+        image=predictor_image(settings.k8s_image_registry, dicom_router.__version__, gpu=True),
+        gpu=True,
     )
     document = render_inference_service(spec)
     manifest = Path(out_dir) / MANIFEST_FILE
