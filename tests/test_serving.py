@@ -25,7 +25,7 @@ from dicom_router import LABELS, stack
 from dicom_router.candidates import save_bundle
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import InvalidPixelData, NotDicom
-from dicom_router.inference import NO_SPINNING, Bundle, PreprocessConfig
+from dicom_router.inference import ALLOW_SPINNING, Bundle, PreprocessConfig
 from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.registry import connect, experiment, register_bundle
 from dicom_router.serving.client import ModelClient, parse_statistics
@@ -388,4 +388,4 @@ def test_a_bundle_published_to_the_bucket_is_served_from_its_s3_uri(
 def test_bundle_sessions_do_not_spin_wait_so_a_shared_node_keeps_its_cpu(tiny_bundle: Path) -> None:
     """The model server shares its node with Orthanc and the router: idle ONNX threads must sleep."""
     options = Bundle(tiny_bundle).session.get_session_options()
-    assert options.get_session_config_entry(NO_SPINNING) == "0"
+    assert options.get_session_config_entry(ALLOW_SPINNING) == "0"
