@@ -653,10 +653,20 @@ def _skull(c: _Canvas, rng: np.random.Generator) -> str:
     return "PA"
 
 
+def _one_of(
+    c: _Canvas,
+    rng: np.random.Generator,
+    drawers: Sequence[Callable[[_Canvas, np.random.Generator], str]],
+    shares: Sequence[float],
+) -> tuple[str, bool]:
+    """One of the ``drawers`` (chosen by ``shares``), either side: how ``others`` mixes its kinds."""
+    draw = drawers[int(rng.choice(len(drawers), p=shares))]
+    return draw(c, rng), bool(rng.random() < 0.5)
+
+
 def _others(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
     """Everything that is not trunk: a knee, a forearm, a hand or a skull, either side."""
-    draw = [_knee, _forearm, _hand, _skull][int(rng.choice(4, p=[0.3, 0.2, 0.25, 0.25]))]
-    return draw(c, rng), bool(rng.random() < 0.5)
+    return _one_of(c, rng, [_knee, _forearm, _hand, _skull], [0.3, 0.2, 0.25, 0.25])
 
 
 # --- the variety real archives hold (``variety=True``) ----------------------------------------------
@@ -682,10 +692,10 @@ def _chest_lateral(c: _Canvas, rng: np.random.Generator, *, child: bool) -> None
     for k in range(8):
         y = apex + 0.12 + 0.14 * k
         c.stroke(c.bone, _arc((0.75 * depth, y), (-0.7 * depth, y + 0.35), 0.1), 0.018, 0.06, kind="shell")
-    for _ in range(2):
-        top = (rng.uniform(-0.3, 0.3), apex - 0.9)
-        c.stroke(c.tissue, [top, (rng.uniform(0.1, 0.5), apex + 0.1)], [0.16, 0.14], 0.3)
-        c.stroke(c.bone, [top, (rng.uniform(0.1, 0.5), apex + 0.1)], [0.05, 0.05], 0.16, kind="shell")
+    for _ in range(2):  # the raised arms: a humerus inside each arm's soft tissue
+        arm = [(rng.uniform(-0.3, 0.3), apex - 0.9), (rng.uniform(0.1, 0.5), apex + 0.1)]
+        c.stroke(c.tissue, arm, [0.16, 0.14], 0.3)
+        c.stroke(c.bone, arm, [0.05, 0.05], 0.16, kind="shell")
 
 
 def _adult_chest_lateral(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
@@ -824,8 +834,7 @@ def _contrast_study(c: _Canvas, rng: np.random.Generator) -> str:
 
 def _others_variety(c: _Canvas, rng: np.random.Generator) -> tuple[str, bool]:
     """What else an archive holds: pelvis, children's limbs, densitometry and contrast studies."""
-    draw = [_pelvis_ap, _child_limb, _dxa, _contrast_study][int(rng.choice(4, p=[0.3, 0.3, 0.15, 0.25]))]
-    return draw(c, rng), bool(rng.random() < 0.5)
+    return _one_of(c, rng, [_pelvis_ap, _child_limb, _dxa, _contrast_study], [0.3, 0.3, 0.15, 0.25])
 
 
 Drawer = Callable[[_Canvas, np.random.Generator], tuple[str, bool]]
