@@ -45,6 +45,11 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         "fine-tune",
         {"pretrain_synthetic": 1000, "pretrain_epochs": 3, "synthetic_variety": True},
     ),
+    "fine-tune-mix-variety": (
+        ("tf_efficientnet_lite0",),
+        "fine-tune",
+        {"mix_synthetic": 1000, "mix_share": 0.25, "synthetic_variety": True},
+    ),
     "fine-tune-shallower": (
         ("tf_efficientnet_lite0", "mobilenetv2_100"),
         "fine-tune",

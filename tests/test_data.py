@@ -13,7 +13,15 @@ import torch
 from dicom_router import LABELS
 from dicom_router.candidates import load_labelled
 from dicom_router.config import Settings
-from dicom_router.data import XrayDataset, augment, build_cache, class_weights, grouped_folds, split_examples
+from dicom_router.data import (
+    XrayDataset,
+    augment,
+    build_cache,
+    class_weights,
+    grouped_folds,
+    mixed_weights,
+    split_examples,
+)
 from dicom_router.inference import PreprocessConfig
 from dicom_router.synth import synthesize
 from tests.dicom_factory import dicom_dataset
@@ -113,6 +121,17 @@ def test_balanced_weights_give_every_class_the_same_total() -> None:
     weights = class_weights(labels)
     totals = np.bincount(labels, weights=weights, minlength=5)
     assert totals[[0, 1, 3]] == pytest.approx([1.0, 1.0, 1.0]) and totals[[2, 4]].sum() == 0
+
+
+def test_mixed_in_images_get_their_share_with_classes_balanced_within_each_part() -> None:
+    real = np.array([0, 0, 0, 1], dtype=np.int64)
+    extra = np.array([2, 2, 4, 4, 4, 4], dtype=np.int64)
+    weights = mixed_weights(real, extra, 0.25, balanced=True)
+    assert weights.sum() == pytest.approx(1.0) and weights[4:].sum() == pytest.approx(0.25)
+    assert weights[:3].sum() == pytest.approx(weights[3]) == pytest.approx(0.375)  # real: 0 and 1 equal
+    assert weights[4:6].sum() == pytest.approx(weights[6:].sum())  # synthetic: 2 and 4 equal
+    plain = mixed_weights(real, extra, 0.5, balanced=False)
+    assert plain[:4] == pytest.approx([0.125] * 4) and plain[4:] == pytest.approx([0.5 / 6] * 6)
 
 
 def test_the_dataset_yields_unit_range_images_and_labels(tmp_path: Path, settings: Settings) -> None:

@@ -36,7 +36,7 @@ from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.registry import connect
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.synth import synthesize
-from dicom_router.train import TrainConfig, predict_scores
+from dicom_router.train import TrainConfig, predict_scores, training_pool
 from tests.conftest import run_cli
 
 
@@ -130,6 +130,45 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert [h["candidate"]["version"] for h in history] == ["1", "1", "3", other, other]
     assert [h["forced"] for h in history] == [False, False, False, True, False]
     assert all("at" in h for h in history)
+
+
+def _cached(labels: list[int], prefix: str) -> CachedImages:
+    n = len(labels)
+    return CachedImages(
+        [f"{prefix}{i}" for i in range(n)],
+        np.zeros((n, 8, 8), np.uint16),
+        np.array(labels, np.int64),
+        np.zeros((n, len(METADATA_FEATURES)), np.float32),
+    )
+
+
+def test_mixed_synthetic_images_get_their_share_of_an_epoch_and_real_ones_keep_theirs() -> None:
+    real, synthetic = _cached([0] * 30 + [1] * 10, "real"), _cached([2] * 50 + [3] * 50, "syn")
+    config = TrainConfig(mix_share=0.2)
+    pool, sampler, draws = training_pool(config, real, synthetic)
+    assert sampler is not None and draws == 50 == len(sampler)  # 40 real draws an epoch, as without
+    assert pool.keys == real.keys + synthetic.keys and list(pool.labels[40:]) == [2] * 50 + [3] * 50
+    drawn = np.array([i for _ in range(200) for i in sampler])
+    assert np.mean(drawn >= 40) == pytest.approx(0.2, abs=0.01)
+    real_labels = pool.labels[drawn[drawn < 40]]
+    assert np.mean(real_labels == 1) == pytest.approx(0.5, abs=0.02)  # classes still balanced
+    alone, balanced, n = training_pool(config, real)
+    assert alone is real and n == 40 and balanced is not None
+    assert training_pool(config.model_copy(update={"balanced": False}), real)[1] is None
+
+
+def test_train_mixes_synthetic_variety_images_in_and_logs_how_many(
+    labelled_folder: Path, settings: Settings
+) -> None:
+    mix = "--mix-synthetic 12 --mix-share 0.3 --synthetic-variety"
+    [candidate] = _json(
+        "train", "--data", str(labelled_folder), *f"--epochs 1 --image-size 32 --arch resnet18 {mix}".split()
+    )
+    rendered = pd.read_csv(settings.data_dir / "pretrained" / "synthetic-variety-n12-0" / "labels.csv")
+    assert len(rendered) == 12
+    run = connect(settings).get_run(candidate["run_id"])
+    assert run.data.params["mix_synthetic"] == "12" and run.data.params["mix_share"] == "0.3"
+    assert run.data.params["synthetic_variety"] == "True"
 
 
 def test_the_onnx_bundle_matches_the_torch_model(tmp_path: Path) -> None:

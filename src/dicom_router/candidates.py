@@ -423,6 +423,7 @@ def _train_each(
                 progress=progress,
                 init=init,
                 backbone_state=synthetic_backbone(settings, config, init, progress=progress),
+                synthetic=mixed_synthetic(settings, config, progress=progress),
             )
             mlflow.log_metrics(
                 {
@@ -456,6 +457,35 @@ def _train_each(
     return results, errors
 
 
+def _synthetic_archive(
+    settings: Settings, config: TrainConfig, count: int, *, progress: bool
+) -> tuple[pd.DataFrame, CachedImages]:
+    """``count`` synthetic images from all site profiles (``config.synthetic_variety``: with the views
+    real archives hold), rendered once into ``data_dir`` and preprocessed as ``config`` trains."""
+    kind = "synthetic-variety" if config.synthetic_variety else "synthetic"
+    folder = settings.data_dir / "pretrained" / f"{kind}-n{count}-{config.seed}"
+    if not (folder / "labels.csv").is_file():
+        synthesize(
+            folder,
+            count,
+            sites=len(PROFILES),
+            seed=10_000 + config.seed,
+            long_side_px=max(2 * config.image_size, 128),
+            variety=config.synthetic_variety,
+            progress=progress,
+        )
+    labelled = load_labelled(settings, data=[str(folder)])
+    cached, _ = labelled.cached(settings, config.preprocess, progress=progress)
+    return labelled.frame, cached
+
+
+def mixed_synthetic(settings: Settings, config: TrainConfig, *, progress: bool = True) -> CachedImages | None:
+    """The ``config.mix_synthetic`` synthetic images to mix into its training set, if any."""
+    if not config.mix_synthetic:
+        return None
+    return _synthetic_archive(settings, config, config.mix_synthetic, progress=progress)[1]
+
+
 def synthetic_backbone(
     settings: Settings, config: TrainConfig, init: Weights | None, *, progress: bool = True
 ) -> dict[str, Any] | None:
@@ -481,26 +511,14 @@ def synthetic_backbone(
     if weights.is_file():
         state: dict[str, Any] = torch.load(weights, map_location="cpu")
         return state
-    kind = "synthetic-variety" if config.synthetic_variety else "synthetic"
-    folder = settings.data_dir / "pretrained" / f"{kind}-n{config.pretrain_synthetic}-{config.seed}"
-    if not (folder / "labels.csv").is_file():
-        synthesize(
-            folder,
-            config.pretrain_synthetic,
-            sites=len(PROFILES),
-            seed=10_000 + config.seed,
-            long_side_px=max(2 * config.image_size, 128),
-            variety=config.synthetic_variety,
-            progress=progress,
-        )
-    labelled = load_labelled(settings, data=[str(folder)])
-    cached, _ = labelled.cached(settings, config.preprocess, progress=progress)
-    split = split_examples(labelled.frame, seed=config.seed)
+    frame, cached = _synthetic_archive(settings, config, config.pretrain_synthetic, progress=progress)
+    split = split_examples(frame, seed=config.seed)
     pre = config.model_copy(
         update={
             "epochs": config.pretrain_epochs,
             "metadata": False,
             "pretrain_synthetic": 0,
+            "mix_synthetic": 0,
             "warmup_epochs": 0,
         }
     )
@@ -609,6 +627,7 @@ def cross_validate(
                     progress=progress,
                     init=init,
                     backbone_state=synthetic_backbone(settings, config, init, progress=progress),
+                    synthetic=mixed_synthetic(settings, config, progress=progress),
                 )
                 test_scores.append(MemberScores.of(result.net, test))
             for variant in chosen:

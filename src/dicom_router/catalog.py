@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
@@ -187,7 +188,7 @@ def _map_chunks(
     range_bytes = settings.header_range_bytes
     chunks = list(_chunks(objects, _CHUNK))
     with (
-        Progress(disable=not progress, transient=True) as bar,
+        Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar,
         ProcessPoolExecutor(max_workers=max(1, settings.workers)) as pool,
     ):
         task = bar.add_task(f"ingest {store.uri}", total=len(objects))

@@ -307,8 +307,19 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
 )
 @click.option("--pretrain-epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
-    "--synthetic-variety", is_flag=True, help="Pretrain on synthetic images with the views archives hold"
+    "--mix-synthetic",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Synthetic images mixed into the training set itself",
 )
+@click.option(
+    "--mix-share",
+    type=click.FloatRange(min=0.0, max=1.0, max_open=True),
+    default=0.25,
+    show_default=True,
+    help="Share of each epoch's draws that are mixed-in synthetic images",
+)
+@click.option("--synthetic-variety", is_flag=True, help="Synthetic images also show the views archives hold")
 @click.option("--ensemble", is_flag=True, help="Also publish all architectures as one averaged bundle")
 @click.option("--tta", is_flag=True, help="Bundles average each image with its mirror image")
 @click.option("--register", is_flag=True, help="Register each candidate in MLflow (tag candidate)")
@@ -342,6 +353,8 @@ def train(
     init_weights: str | None,
     pretrain_synthetic: int,
     pretrain_epochs: int,
+    mix_synthetic: int,
+    mix_share: float,
     synthetic_variety: bool,
     ensemble: bool,
     tta: bool,
@@ -379,6 +392,8 @@ def train(
         "equalize": equalize,
         "pretrain_synthetic": pretrain_synthetic,
         "pretrain_epochs": pretrain_epochs,
+        "mix_synthetic": mix_synthetic,
+        "mix_share": mix_share,
         "synthetic_variety": synthetic_variety,
     }
     # the recipe's values replace the options' defaults, never what the user gave

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812
+from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import Dataset
 
@@ -112,6 +113,15 @@ class CachedImages:
             [self.keys[i] for i in rows], self.images[rows], self.labels[rows], self.meta[rows]
         )
 
+    def __add__(self, other: CachedImages) -> CachedImages:
+        """Both sets of images, these first (e.g. real training images and synthetic ones mixed in)."""
+        return CachedImages(
+            self.keys + other.keys,
+            np.concatenate([self.images, other.images]),
+            np.concatenate([self.labels, other.labels]),
+            np.concatenate([self.meta, other.meta]),
+        )
+
 
 def _decode_rows(
     store: Store, rows: list[dict[str, Any]], config: PreprocessConfig, max_pixels: int
@@ -176,7 +186,7 @@ def build_cache(
         else:
             todo.append((name, shard))
     with (
-        Progress(disable=not progress, transient=True) as bar,
+        Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar,
         ProcessPoolExecutor(max_workers=max(1, settings.workers)) as pool,
     ):
         task = bar.add_task("decode + resize (cached once)", total=sum(len(s) for _, s in todo))
@@ -321,6 +331,19 @@ def class_weights(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     per_class = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
     weights: npt.NDArray[np.float64] = per_class[labels]
     return weights
+
+
+def mixed_weights(
+    labels: npt.NDArray[np.int64], extra: npt.NDArray[np.int64], share: float, *, balanced: bool
+) -> npt.NDArray[np.float64]:
+    """Sampling weights of ``labels`` followed by ``extra`` (e.g. synthetic images mixed into real
+    training) such that ``extra`` gets ``share`` of the draws, classes balanced within each part when
+    ``balanced``: the mixed-in images add views without outweighing the real ones."""
+    parts = []
+    for part, weight in ((labels, 1.0 - share), (extra, share)):
+        w = class_weights(part) if balanced else np.ones(len(part), np.float64)
+        parts.append(weight * w / max(w.sum(), 1e-12))
+    return np.concatenate(parts)
 
 
 MAX_GROUP_SHARE = 2.0 / 3.0

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
 from rich.progress import Progress
 from timm.models import group_parameters
 from torch import nn
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from dicom_router import LABELS
 from dicom_router.calibration import nll
-from dicom_router.data import CachedImages, XrayDataset, class_weights
+from dicom_router.data import CachedImages, XrayDataset, class_weights, mixed_weights
 from dicom_router.evaluate import confusion_matrix, macro_f1
 from dicom_router.inference import PreprocessConfig
 from dicom_router.models import BodyPartNet, Scorer
@@ -71,8 +72,13 @@ class TrainConfig(BaseModel):
     """Synthetic images to pretrain the backbone on first (0: none), after ImageNet initialisation when
     ``pretrained``."""
     pretrain_epochs: int = 10
+    mix_synthetic: int = 0
+    """Synthetic images mixed into the training set itself (0: none), drawn at ``mix_share`` of every
+    epoch: unlike pretraining, a later phase cannot forget the views they show."""
+    mix_share: float = Field(default=0.25, ge=0.0, lt=1.0)
     synthetic_variety: bool = False
-    """Pretrain on synthetic images that also hold the views real archives hold (``phantoms.VARIETY``)."""
+    """Synthetic images (pretraining or mixed in) also hold the views real archives hold
+    (``phantoms.VARIETY``)."""
     equalize: bool = False
     """Histogram-equalise images in preprocessing (see PreprocessConfig)."""
 
@@ -199,6 +205,27 @@ def _parameter_groups(net: BodyPartNet, config: TrainConfig) -> list[dict[str, A
     ]
 
 
+def training_pool(
+    config: TrainConfig, train: CachedImages, synthetic: CachedImages | None = None
+) -> tuple[CachedImages, WeightedRandomSampler | None, int]:
+    """The images an epoch draws from, its sampler (None: a plain shuffle) and its number of draws:
+    classes balanced when ``config.balanced``, ``synthetic`` images mixed in at ``config.mix_share`` of
+    the draws, and as many draws as keep every real image drawn once per epoch on average."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if synthetic is not None and len(synthetic.keys):
+        weights = mixed_weights(train.labels, synthetic.labels, config.mix_share, balanced=config.balanced)
+        draws = round(len(train.keys) / (1.0 - config.mix_share))
+        return train + synthetic, WeightedRandomSampler(weights.tolist(), draws, generator=generator), draws
+    if config.balanced:
+        weights = class_weights(train.labels)
+        return (
+            train,
+            WeightedRandomSampler(weights.tolist(), len(train.keys), generator=generator),
+            len(train.keys),
+        )
+    return train, None, len(train.keys)
+
+
 def train_candidate(
     config: TrainConfig,
     train: CachedImages,
@@ -209,12 +236,14 @@ def train_candidate(
     progress: bool = True,
     init: Weights | None = None,
     backbone_state: dict[str, torch.Tensor] | None = None,
+    synthetic: CachedImages | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation macro-F1; the best weights are kept and returned.
 
     ``init`` is the ImageNet initialisation (``weights.resolve``); ``backbone_state`` starts the
     backbone from earlier training instead (synthetic pretraining). The first ``warmup_epochs`` train
-    the head alone on the frozen backbone.
+    the head alone on the frozen backbone. ``synthetic`` images are mixed into training at
+    ``config.mix_share`` of the draws; every real image is still drawn once per epoch on average.
     """
     seed_everything(config.seed)
     dev = device()
@@ -227,17 +256,21 @@ def train_candidate(
     net = net.to(dev)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    sampler = None
-    if config.balanced:
-        weights = class_weights(train.labels).tolist()
-        generator = torch.Generator().manual_seed(config.seed)
-        sampler = WeightedRandomSampler(weights, num_samples=len(train.keys), generator=generator)
+    pool, sampler, draws = training_pool(config, train, synthetic)
+    if len(pool.keys) > len(train.keys):
+        log.info(
+            "%s: %d synthetic images mixed into %d real ones at %.0f%% of the draws",
+            config.name,
+            len(pool.keys) - len(train.keys),
+            len(train.keys),
+            100 * config.mix_share,
+        )
     loader = DataLoader(
-        XrayDataset(train, train=config.augment, seed=config.seed, views=config.views),
+        XrayDataset(pool, train=config.augment, seed=config.seed, views=config.views),
         batch_size=config.batch_size,
         sampler=sampler,
         shuffle=sampler is None,
-        drop_last=len(train.keys) > config.batch_size,
+        drop_last=draws > config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
     warmup = min(config.warmup_epochs, config.epochs - 1)
@@ -253,7 +286,7 @@ def train_candidate(
     best_epoch, stale = 0, 0
     history: list[dict[str, float]] = []
     seen, train_seconds = 0, 0.0
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(f"train {config.name}", total=config.epochs * len(loader))
         for epoch in range(1, config.epochs + 1):
             frozen = epoch <= warmup

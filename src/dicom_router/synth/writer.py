@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from rich.console import Console
 from rich.progress import track
 
 from dicom_router import LABELS
@@ -376,7 +377,7 @@ def synthesize(
     for profile in {profiles[shot.patient.site].name: profiles[shot.patient.site] for shot in shots}.values():
         (out_dir / profile.name).mkdir(exist_ok=True)
     records: list[SynthRecord] = []
-    for shot in track(shots, description="synthesizing", disable=not progress):
+    for shot in track(shots, description="synthesizing", disable=not progress, console=Console(stderr=True)):
         profile = profiles[shot.patient.site]
         file = f"{profile.name}/{shot.index:04d}.dcm"
         _write(shot, profile, seed, long_side_px or profile.long_side_px, out_dir / file, variety=variety)
