@@ -28,7 +28,6 @@ from dicom_router.routing.rules import RoutingRules
 from dicom_router.serving.inferenceservice import (
     InferenceServiceSpec,
     load_crd_schema,
-    predictor_image,
     render_inference_service,
     validate_inference_service,
 )
@@ -197,12 +196,13 @@ def spec_from_values(v: dict[str, Any]) -> InferenceServiceSpec:
     """The renderer's inputs for the chart's values (what the pipelines' deploy step would pass)."""
     isv = v["inferenceService"]
     tag = v["images"]["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-    return InferenceServiceSpec(
+    return InferenceServiceSpec.release(
+        v["images"]["registry"],
+        tag,
         name=isv["name"],
         namespace=NAMESPACE,
         model_version=str(isv["modelVersion"]),
         storage_uri=isv["storageUri"],
-        image=predictor_image(v["images"]["registry"], tag, gpu=isv["gpu"]["enabled"]),
         service_account=isv["serviceAccount"],
         gpu=isv["gpu"]["enabled"],
         gpu_count=isv["gpu"]["count"],

@@ -221,5 +221,10 @@ def test_gpu_nodes_get_the_cuda_predictor_image_and_cpu_nodes_the_lean_one() -> 
     gpu = predictor_image("ghcr.io/dicom-router/", "0.1.0", gpu=True)
     assert gpu == "ghcr.io/dicom-router/predictor-gpu:0.1.0"
     assert predictor_image("registry.local", "2.0", gpu=False) == "registry.local/predictor:2.0"
+    assert InferenceServiceSpec.release("r.local", "3", model_version="3", storage_uri=BUNDLE).image == (
+        "r.local/predictor-gpu:3"  # the spec's default is a GPU node
+    )
+    cpu = InferenceServiceSpec.release("r.local", "3", model_version="3", storage_uri=BUNDLE, gpu=False)
+    assert cpu.image == "r.local/predictor:3"
     example = render_inference_service(example_spec())
     assert predictor(example)["containers"][0]["image"].endswith("/predictor-gpu:0.1.0")

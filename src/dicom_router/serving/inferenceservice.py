@@ -117,6 +117,13 @@ class InferenceServiceSpec(BaseModel):
             raise ValueError(f"must be pinned by a tag other than 'latest' or by a digest, got {value!r}")
         return value
 
+    @classmethod
+    def release(cls, registry: str, version: str, **fields: Any) -> InferenceServiceSpec:
+        """The spec of release ``version``'s predictor image from ``registry``: the image follows
+        ``gpu`` (see ``predictor_image``), so the two cannot disagree."""
+        gpu = bool(fields.get("gpu", cls.model_fields["gpu"].default))
+        return cls(image=predictor_image(registry, version, gpu=gpu), **fields)
+
     @model_validator(mode="after")
     def _replicas(self) -> InferenceServiceSpec:
         if self.max_replicas < self.min_replicas:
@@ -144,11 +151,11 @@ def predictor_image(registry: str, version: str, *, gpu: bool) -> str:
 
 def example_spec() -> InferenceServiceSpec:
     """The inputs of ``serving/inferenceservice.example.yaml`` (a test keeps that file current)."""
-    return InferenceServiceSpec(
+    return InferenceServiceSpec.release(
+        "ghcr.io/dicom-router",
+        "0.1.0",
         model_version="1",
         storage_uri="s3://dicom-router/mlflow/artifacts/1/0123456789abcdef0123456789abcdef/artifacts/bundle",
-        image=predictor_image("ghcr.io/dicom-router", "0.1.0", gpu=True),
-        gpu=True,
     )
 
 

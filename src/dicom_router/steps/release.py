@@ -67,7 +67,6 @@ def deploy(version: str, out_dir: str, settings: Settings, *, cluster: str = "")
     from dicom_router.registry import load_bundle
     from dicom_router.serving.inferenceservice import (
         InferenceServiceSpec,
-        predictor_image,
         render_inference_service,
         to_yaml,
     )
@@ -79,12 +78,12 @@ def deploy(version: str, out_dir: str, settings: Settings, *, cluster: str = "")
     if isinstance(store, S3Store):
         store.ensure_bucket()
     upload_folder(bundle.path, store)
-    spec = InferenceServiceSpec(
+    spec = InferenceServiceSpec.release(
+        settings.k8s_image_registry,
+        dicom_router.__version__,
         namespace=settings.k8s_namespace,
         model_version=str(version),
         storage_uri=storage_uri,
-        image=predictor_image(settings.k8s_image_registry, dicom_router.__version__, gpu=True),
-        gpu=True,
     )
     document = render_inference_service(spec)
     manifest = Path(out_dir) / MANIFEST_FILE
