@@ -16,6 +16,7 @@ from dicom_router.evaluate import (
     confusion_matrix,
     evaluation_report,
     expected_calibration_error,
+    group_report,
     macro_f1,
     per_class,
     plot_confusion_matrix,
@@ -207,3 +208,22 @@ def test_the_plots_write_png_files(tmp_path: Path) -> None:
     rel_path = plot_reliability(probabilities, y_true, tmp_path / "plots" / "reliability.png")
     for path in (cm_path, rel_path):
         assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_per_group_report_tells_review_from_misrouting_at_the_threshold() -> None:
+    probabilities = np.array(
+        [
+            [0.9, 0.1, 0, 0, 0],
+            [0.2, 0.8, 0, 0, 0],
+            [0.6, 0.4, 0, 0, 0],
+            [0.1, 0.95, 0, 0, 0],
+            [0, 0.3, 0.7, 0, 0],
+        ]
+    )
+    truth = [0, 0, 1, 1, 2]
+    report = group_report(["a", "a", "b", "b", "b"], truth, probabilities, LABELS, threshold=0.75)
+    a, b = report["a"], report["b"]
+    assert a["recall"] == {LABELS[0]: 0.5} and a["at_threshold"]["misrouted"] == 1  # 0.8, wrong: misrouted
+    assert b["at_threshold"]["auto_routed"] == 1 and b["at_threshold"]["misrouted"] == 0  # 0.6, 0.7: review
+    assert b["at_threshold"]["coverage"] == pytest.approx(1 / 3) and b["accuracy"] == pytest.approx(2 / 3)
+    assert "at_threshold" not in group_report(["a"] * 5, truth, probabilities, LABELS)["a"]

@@ -244,6 +244,9 @@ def test_cross_validation_by_group_tests_every_image_once_for_every_variant(
         assert len(report["temperatures"]) == 2 and all(t > 0 for t in report["temperatures"])
         chosen = report["abstention"]["at_threshold_for_target"]
         assert chosen["auto_routed_accuracy"] >= 0.99 or chosen["auto_routed"] == 0
+        for key in ("auto_routed", "misrouted"):  # each site's share of what the router did
+            in_groups = sum(g["at_threshold"][key] for g in report["per_group"].values())
+            assert in_groups == report["abstention"]["at_review_threshold"][key]
     client = connect(settings)
     found = client.get_experiment_by_name("bodypart-router-candidates")
     assert found is not None

@@ -645,11 +645,9 @@ def cross_validate(
             probabilities, temperatures = cross_fitted(raw[variant], truth)
             name = variant.name(configs)
             report = evaluation_report(y, probabilities, LABELS, 0.0)
-            chosen_threshold = threshold_for(probabilities, y)
-            report["abstention"] = abstention_report(
-                probabilities, y, threshold=chosen_threshold if review_threshold is None else review_threshold
-            )
-            report["per_group"] = group_report(groups, y, probabilities, LABELS)
+            threshold = threshold_for(probabilities, y) if review_threshold is None else review_threshold
+            report["abstention"] = abstention_report(probabilities, y, threshold=threshold)
+            report["per_group"] = group_report(groups, y, probabilities, LABELS, threshold=threshold)
             report["temperatures"] = temperatures
             report["temperature"] = fit_temperature(np.concatenate(raw[variant]), y)
             reports[name] = report

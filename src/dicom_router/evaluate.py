@@ -282,12 +282,19 @@ def evaluation_report(
 
 
 def group_report(
-    groups: Sequence[str], y_true: npt.ArrayLike, probabilities: npt.ArrayLike, labels: Sequence[str]
+    groups: Sequence[str],
+    y_true: npt.ArrayLike,
+    probabilities: npt.ArrayLike,
+    labels: Sequence[str],
+    *,
+    threshold: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per group (e.g. the source collection that played the unseen hospital): size, accuracy and the
-    recall of each label present in it."""
+    recall of each label present in it; with the review ``threshold``, what a router does with the
+    group (``at_threshold``): an unseen hospital's hard images should go to review, not be misrouted."""
     truth = np.asarray(y_true, dtype=np.int64)
-    predicted = np.asarray(probabilities).argmax(axis=1)
+    scores = np.asarray(probabilities)
+    predicted = scores.argmax(axis=1)
     names = np.asarray(groups, dtype=object)
     out: dict[str, dict[str, Any]] = {}
     for group in sorted(set(names.tolist())):
@@ -298,6 +305,8 @@ def group_report(
             "accuracy": float((t == p).mean()),
             "recall": {labels[c]: float((p[t == c] == c).mean()) for c in sorted(set(t.tolist()))},
         }
+        if threshold is not None:
+            out[str(group)]["at_threshold"] = at_threshold(scores[rows], t, threshold)
     return out
 
 
