@@ -117,12 +117,13 @@ def main() -> int:
         per_group[name] = (table[-1]["variant"], reports[table[-1]["variant"]]["per_group"])
     for name, (variant, groups) in per_group.items():
         print(f"\n{name}, {variant}: each collection as the unseen one, at its 99% review threshold")
-        print("| collection | n | accuracy | auto-routed | misrouted | to review |")
-        print("|---|---|---|---|---|---|")
+        print("| collection | n | accuracy | called | auto-routed | misrouted | to review |")
+        print("|---|---|---|---|---|---|---|")
         for group, row in sorted(groups.items(), key=lambda item: item[1]["accuracy"]):
             routed = row["at_threshold"]
+            called = ", ".join(f"{label} {n}" for label, n in row["predicted"].items())
             print(
-                f"| {group} | {row['n']} | {row['accuracy']:.2f} | {int(routed['auto_routed'])} | "
+                f"| {group} | {row['n']} | {row['accuracy']:.2f} | {called} | {int(routed['auto_routed'])} | "
                 f"{int(routed['misrouted'])} | {row['n'] - int(routed['auto_routed'])} |"
             )
     if args.out:

@@ -223,6 +223,11 @@ def test_per_group_report_tells_review_from_misrouting_at_the_threshold() -> Non
     truth = [0, 0, 1, 1, 2]
     report = group_report(["a", "a", "b", "b", "b"], truth, probabilities, LABELS, threshold=0.75)
     a, b = report["a"], report["b"]
+    assert a["predicted"] == {LABELS[0]: 1, LABELS[1]: 1} and b["predicted"] == {
+        LABELS[0]: 1,
+        LABELS[1]: 1,
+        LABELS[2]: 1,
+    }
     assert a["recall"] == {LABELS[0]: 0.5} and a["at_threshold"]["misrouted"] == 1  # 0.8, wrong: misrouted
     assert b["at_threshold"]["auto_routed"] == 1 and b["at_threshold"]["misrouted"] == 0  # 0.6, 0.7: review
     assert b["at_threshold"]["coverage"] == pytest.approx(1 / 3) and b["accuracy"] == pytest.approx(2 / 3)

@@ -289,9 +289,10 @@ def group_report(
     *,
     threshold: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per group (e.g. the source collection that played the unseen hospital): size, accuracy and the
-    recall of each label present in it; with the review ``threshold``, what a router does with the
-    group (``at_threshold``): an unseen hospital's hard images should go to review, not be misrouted."""
+    """Per group (e.g. the source collection that played the unseen hospital): size, accuracy, the
+    recall of each label present in it and what its images were called; with the review ``threshold``,
+    what a router does with the group (``at_threshold``): an unseen hospital's hard images should go to
+    review, not be misrouted."""
     truth = np.asarray(y_true, dtype=np.int64)
     scores = np.asarray(probabilities)
     predicted = scores.argmax(axis=1)
@@ -304,6 +305,7 @@ def group_report(
             "n": int(rows.sum()),
             "accuracy": float((t == p).mean()),
             "recall": {labels[c]: float((p[t == c] == c).mean()) for c in sorted(set(t.tolist()))},
+            "predicted": {labels[c]: int((p == c).sum()) for c in sorted(set(p.tolist()))},
         }
         if threshold is not None:
             out[str(group)]["at_threshold"] = at_threshold(scores[rows], t, threshold)
