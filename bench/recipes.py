@@ -8,7 +8,7 @@ keeps auto-routed accuracy at 99% with the coverage it leaves. A second table sa
 collection as the unseen one, how many of its images the router would send on, how many of those
 wrongly, and how many to review. Runs are logged to MLflow (DATA_DIR's store).
 
-    .venv/bin/python bench/recipes.py --recipe fine-tune [--recipe scratch ...] [--folds 3|loo]
+    .venv/bin/python bench/recipes.py --recipe fine-tune [--recipe scratch ...] [--folds 3|loo] [--seed N]
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def main() -> int:
     parser.add_argument("--recipe", action="append", choices=sorted(RECIPES), required=True)
     parser.add_argument("--folds", default="3", help="number of folds or loo")
     parser.add_argument("--group-by", default="collection")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="deals the collections to folds (and seeds training)"
+    )
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -98,7 +101,7 @@ def main() -> int:
         configs = [recipe_config(recipe, arch=arch, **overrides) for arch in archs]
         start = time.perf_counter()
         reports = cross_validate(
-            settings, labelled, configs, group_by=args.group_by, folds=folds, progress=False
+            settings, labelled, configs, group_by=args.group_by, folds=folds, seed=args.seed, progress=False
         )
         table = cv_table(reports)
         results[name] = {
