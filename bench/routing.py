@@ -11,7 +11,7 @@
    second time per instance, both answers logged): the latency and throughput ratios (target <= 1.3x).
 
 Files: ../shared/xray-real (real radiographs) when present, else synthetic. Model: a bundle of the shape
-``make train-real`` promotes (the fine-tune recipe's members as one ensemble graph, its input size and
+``make train-real`` promotes (the fine-tune recipe's members, one graph when several, its input size and
 preprocessing), untrained, unless ``--bundle`` or ``--arch`` says otherwise.
 
     .venv/bin/python bench/routing.py [--rounds 3] [--arch A]... [--image-size PX] [--bundle DIR]
@@ -46,8 +46,8 @@ from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
 from dicom_router.train import recipe_config
 
-RECIPE_MEMBERS = ("tf_efficientnet_lite0", "mobilenetv2_100")
-"""What ``make train-real`` promotes (Makefile ``REAL_TRAIN``): these members as one ensemble."""
+RECIPE_MEMBERS = ("mobilenetv2_100",)
+"""What ``make train-real`` promotes (Makefile ``REAL_TRAIN``): these members (one graph when several)."""
 
 
 def fresh_copy(source: Path, out: Path, only: str = "*.dcm") -> Path:
@@ -195,7 +195,7 @@ def server_vs_inprocess(settings: Settings, bundle_dir: Path, source: Path) -> N
 
 
 def untrained_bundle(archs: tuple[str, ...] | list[str], image_size: int | None, work: Path) -> Path:
-    """The members as one ensemble graph with the fine-tune recipe's preprocessing: the cost of
+    """The members (one graph when several) with the fine-tune recipe's preprocessing: the cost of
     serving the promoted model, without training it."""
     torch.manual_seed(0)
     config = recipe_config("fine-tune", arch=archs[0], **({"image_size": image_size} if image_size else {}))
@@ -209,7 +209,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--arch", action="append", help=f"Ensemble members (default: {'+'.join(RECIPE_MEMBERS)})"
+        "--arch", action="append", help=f"Members, averaged (default: {'+'.join(RECIPE_MEMBERS)})"
     )
     parser.add_argument("--image-size", type=int, help="Input size (default: the fine-tune recipe's)")
     parser.add_argument(
