@@ -117,7 +117,8 @@ def main() -> int:
                 f"{row['coverage']:.3f} |",
                 flush=True,
             )
-        per_group[name] = (table[-1]["variant"], reports[table[-1]["variant"]]["per_group"])
+        whole = "+".join(config.name for config in configs)  # what make train-real would promote
+        per_group[name] = (whole, reports[whole]["per_group"])
     for name, (variant, groups) in per_group.items():
         print(f"\n{name}, {variant}: each collection as the unseen one, at its 99% review threshold")
         print("| collection | n | accuracy | called | auto-routed | misrouted | to review |")
