@@ -610,6 +610,9 @@ def cross_validate(
             {**configs[0].model_dump(), "arch": names, "cv_group_by": group_by, "cv_folds": label}
         )
         mlflow.log_param("data_fingerprint", labelled.fingerprint)
+        mixed = [
+            mixed_synthetic(settings, config, progress=progress) for config in configs
+        ]  # once, not per fold
         for fold in range(n_folds):
             test_keys = [k for k, f in assignment.items() if f == fold]
             rest = frame[~frame["sop_uid_hash"].isin(test_keys)]
@@ -617,7 +620,7 @@ def cross_validate(
             train_keys = [k for k, s in inner.assignment.items() if s != "val"]
             val, test = cached.select(inner.of("val")), cached.select(test_keys)
             test_scores: list[MemberScores] = []
-            for config in configs:
+            for config, synthetic in zip(configs, mixed, strict=True):
                 init = initial_weights(settings, config)
                 result = train_candidate(
                     config.model_copy(update={"seed": seed + fold}),
@@ -627,7 +630,7 @@ def cross_validate(
                     progress=progress,
                     init=init,
                     backbone_state=synthetic_backbone(settings, config, init, progress=progress),
-                    synthetic=mixed_synthetic(settings, config, progress=progress),
+                    synthetic=synthetic,
                 )
                 test_scores.append(MemberScores.of(result.net, test))
             for variant in chosen:

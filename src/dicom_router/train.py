@@ -211,19 +211,18 @@ def training_pool(
     """The images an epoch draws from, its sampler (None: a plain shuffle) and its number of draws:
     classes balanced when ``config.balanced``, ``synthetic`` images mixed in at ``config.mix_share`` of
     the draws, and as many draws as keep every real image drawn once per epoch on average."""
-    generator = torch.Generator().manual_seed(config.seed)
+    weights: npt.NDArray[np.float64] | None
     if synthetic is not None and len(synthetic.keys):
+        pool = train + synthetic
         weights = mixed_weights(train.labels, synthetic.labels, config.mix_share, balanced=config.balanced)
         draws = round(len(train.keys) / (1.0 - config.mix_share))
-        return train + synthetic, WeightedRandomSampler(weights.tolist(), draws, generator=generator), draws
-    if config.balanced:
-        weights = class_weights(train.labels)
-        return (
-            train,
-            WeightedRandomSampler(weights.tolist(), len(train.keys), generator=generator),
-            len(train.keys),
-        )
-    return train, None, len(train.keys)
+    else:
+        pool, draws = train, len(train.keys)
+        weights = class_weights(train.labels) if config.balanced else None
+    if weights is None:
+        return pool, None, draws
+    generator = torch.Generator().manual_seed(config.seed)
+    return pool, WeightedRandomSampler(weights.tolist(), draws, generator=generator), draws
 
 
 def train_candidate(
