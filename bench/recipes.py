@@ -4,9 +4,11 @@ every labelled real folder of ``../shared`` (folds grouped by collection across 
 Each recipe trains its members once per fold; the table has a row per variant (each member alone and
 all together, without and with flip TTA), every row temperature-scaled by cross-fitting on the other
 folds: macro-F1 with its 95% bootstrap CI, the lowest class recall, ECE, and the review threshold that
-keeps auto-routed accuracy at 99% with the coverage it leaves. A second table says, for each
-collection as the unseen one, how many of its images the router would send on, how many of those
-wrongly, and how many to review. Runs are logged to MLflow (DATA_DIR's store).
+keeps auto-routed accuracy at 99% with the coverage it leaves, images above the rules' default
+``review.above_novelty`` going to review as in the router (``unfamiliar``: their share). A second
+table says, for each collection as the unseen one, how many of its images the router would send on,
+how many of those wrongly, and how many to review (of them, how many as unfamiliar), at the rules'
+default review threshold. Runs are logged to MLflow (DATA_DIR's store).
 
     .venv/bin/python bench/recipes.py --recipe fine-tune [--recipe scratch ...] [--folds 3|loo] [--seed N]
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from dicom_router.candidates import cross_validate, cv_table, load_labelled
 from dicom_router.config import Settings
+from dicom_router.routing.rules import Review
 from dicom_router.train import recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +38,7 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         {"image_size": 128, "epochs": 30, "patience": 15, "equalize": True},
     ),
     "fine-tune": (("tf_efficientnet_lite0", "mobilenetv2_100"), "fine-tune", {}),
+    "fine-tune-mobilenetv2": (("mobilenetv2_100",), "fine-tune", {}),  # what make train-real promotes
     "fine-tune-light-augment": (("tf_efficientnet_lite0",), "fine-tune", {"views": False}),
     "fine-tune-lite0": (("tf_efficientnet_lite0",), "fine-tune", {}),
     "fine-tune-synthetic": (
@@ -66,6 +70,8 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
 }
 """name → (architectures, library recipe, overrides)."""
+REVIEW = Review()
+"""The rules' defaults: review below 0.95 confidence and above 1.0 novelty."""
 
 
 def main() -> int:
@@ -94,14 +100,25 @@ def main() -> int:
     folds = None if args.folds == "loo" else int(args.folds)
     results: dict[str, Any] = {}
     per_group: dict[str, tuple[str, dict[str, Any]]] = {}
-    print("| recipe | variant | macro-F1 [95% CI] | min recall | ECE | threshold | coverage at 99% |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| recipe | variant | macro-F1 [95% CI] | min recall | ECE | unfamiliar | threshold "
+        "| coverage at 99% | at 0.95: coverage, accuracy | the same without the novelty check |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.recipe:
         archs, recipe, overrides = RECIPES[name]
         configs = [recipe_config(recipe, arch=arch, **overrides) for arch in archs]
         start = time.perf_counter()
         reports = cross_validate(
-            settings, labelled, configs, group_by=args.group_by, folds=folds, seed=args.seed, progress=False
+            settings,
+            labelled,
+            configs,
+            group_by=args.group_by,
+            folds=folds,
+            seed=args.seed,
+            review_threshold=REVIEW.below_confidence,
+            above_novelty=REVIEW.above_novelty,
+            progress=False,
         )
         table = cv_table(reports)
         results[name] = {
@@ -111,24 +128,27 @@ def main() -> int:
         }
         for row in table:
             lo, hi = row["macro_f1_ci"]
+            at, unchecked = row["at_review_threshold"], row["without_novelty_check"]
             print(
                 f"| {name} | {row['variant']} | {row['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}] | "
-                f"{row['min_recall']:.3f} | {row['ece']:.3f} | {row['review_threshold']:.3f} | "
-                f"{row['coverage']:.3f} |",
+                f"{row['min_recall']:.3f} | {row['ece']:.3f} | {row['unfamiliar']:.3f} | "
+                f"{row['review_threshold']:.3f} | {row['coverage']:.3f} | {at['coverage']:.3f}, "
+                f"{at['auto_routed_accuracy']:.4f} ({int(at['misrouted'])} misrouted) | "
+                f"{unchecked['coverage']:.3f}, {unchecked['auto_routed_accuracy']:.4f} |",
                 flush=True,
             )
         whole = "+".join(config.name for config in configs)  # what make train-real would promote
         per_group[name] = (whole, reports[whole]["per_group"])
     for name, (variant, groups) in per_group.items():
-        print(f"\n{name}, {variant}: each collection as the unseen one, at its 99% review threshold")
-        print("| collection | n | accuracy | called | auto-routed | misrouted | to review |")
+        print(f"\n{name}, {variant}: each collection as the unseen one, at the rules' default review")
+        print("| collection | n | accuracy | called | auto-routed | misrouted | to review (unfamiliar) |")
         print("|---|---|---|---|---|---|---|")
         for group, row in sorted(groups.items(), key=lambda item: item[1]["accuracy"]):
-            routed = row["at_threshold"]
+            routed, unfamiliar = row["at_threshold"], row["unfamiliar"]
             called = ", ".join(f"{label} {n}" for label, n in row["predicted"].items())
             print(
-                f"| {group} | {row['n']} | {row['accuracy']:.2f} | {called} | {int(routed['auto_routed'])} | "
-                f"{int(routed['misrouted'])} | {row['n'] - int(routed['auto_routed'])} |"
+                f"| {group} | {row['n']} | {row['accuracy']:.2f} | {called} | {int(routed['auto_routed'])} "
+                f"| {int(routed['misrouted'])} | {row['n'] - int(routed['auto_routed'])} ({unfamiliar}) |"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

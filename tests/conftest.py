@@ -16,10 +16,10 @@ import pydicom
 import pytest
 import yaml
 
-from dicom_router import stack
+from dicom_router import LABELS, stack
 from dicom_router.config import Settings
 from dicom_router.orthanc.send import dcmsend
-from tests.dicom_factory import dicom_dataset, to_bytes
+from tests.dicom_factory import dicom_bytes, dicom_dataset, to_bytes
 
 # Tests reach loopback only: timm's hub must fail at once instead of trying the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -95,6 +95,35 @@ def untrained_bundle(out: Path, *, seed: int = 0, image_size: int = 32) -> Path:
     return export_bundle(
         BodyPartNet("resnet18").eval(), PreprocessConfig(image_size=image_size), {"note": "test"}, out
     )
+
+
+def familiar_bundle(out: Path, labelled: Path, *, image_size: int = 32) -> Path:
+    """An untrained bundle whose novelty is fitted on a labelled folder's images (they are its training
+    and held-out set): 95% of them are familiar to it, a view unlike them is not."""
+    import pandas as pd
+    import torch
+
+    from dicom_router.inference import PreprocessConfig, prepare
+    from dicom_router.models import BodyPartNet, Scorer, export_bundle
+    from dicom_router.novelty import Novelty, fit_novelty
+
+    config = PreprocessConfig(image_size=image_size)
+    rows = pd.read_csv(labelled / "labels.csv")
+    images = np.stack(
+        [prepare((labelled / f).read_bytes(), f, config, max_pixels=10**8).image for f in rows["file"]]
+    )
+    torch.manual_seed(0)
+    scorer = Scorer([BodyPartNet("resnet18").eval()]).eval()
+    with torch.no_grad():
+        embedding = scorer(torch.from_numpy(images))[1].numpy()
+    labels = np.array([LABELS.index(label) for label in rows["label"]])
+    scorer.novelty = Novelty(fit_novelty(embedding, labels, embedding))
+    return export_bundle(scorer, config, {"note": "test"}, out)
+
+
+def unfamiliar_dicom() -> bytes:
+    """A checkerboard: unlike any radiograph ``synth`` renders (novelty ~16 for ``familiar_bundle``)."""
+    return dicom_bytes((np.indices((64, 64)).sum(axis=0) // 8 % 2 * 4000).astype(np.uint16))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import pytest
 from dicom_router.calibration import (
     abstention_report,
     at_threshold,
+    familiar_mask,
     fit_temperature,
     nll,
     risk_coverage,
@@ -73,3 +74,22 @@ def test_tied_confidences_are_kept_or_dropped_together() -> None:
     assert threshold_for(p, y, target=0.99) == 1.0  # the tie cannot be split: route nothing
     assert at_threshold(p, y, 1.0)["auto_routed"] == 0
     assert threshold_for(p, y, target=0.6) == pytest.approx(0.8)  # all three: 2 of 3 right
+
+
+def test_unfamiliar_images_go_to_review_at_every_threshold_and_coverage_counts_them() -> None:
+    p = np.array([[0.99, 0.01], [0.98, 0.02], [0.9, 0.1], [0.3, 0.7]])
+    y = np.array([0, 1, 0, 1])  # the second is confidently wrong, and unlike the training images
+    familiar = familiar_mask([0.4, 1.7, 0.9, 1.0], 1.0)
+    assert familiar is not None and familiar.tolist() == [True, False, True, True]
+    assert familiar_mask([0.4, 1.7], None) is None and familiar_mask(None, 1.0) is None
+    at = at_threshold(p, y, 0.5, familiar)
+    assert at["auto_routed"] == 3 and at["misrouted"] == 0 and at["coverage"] == 0.75
+    assert at_threshold(p, y, 0.5)["misrouted"] == 1  # without the check it would go out
+    assert threshold_for(p, y, target=0.99, familiar=familiar) == pytest.approx(0.7)
+    assert threshold_for(p, y, target=0.99) == pytest.approx(0.99)
+    curve = risk_coverage(p, y, familiar)
+    assert curve["coverage"][-1] == 0.75 and curve["accuracy"][-1] == 1.0
+    report = abstention_report(p, y, threshold=0.95, familiar=familiar)
+    assert report["unfamiliar"] == 0.25 and report["at_review_threshold"]["auto_routed"] == 1
+    assert report["without_novelty_check"]["auto_routed"] == 2  # and one of them misrouted
+    assert report["without_novelty_check"]["misrouted"] == 1

@@ -7,6 +7,7 @@ KServe model server and the routing worker as separate processes, C-STORE with d
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -32,7 +33,17 @@ from dicom_router.routing.rules import RoutingRules, Subject, decide
 from dicom_router.routing.worker import Router
 from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
-from tests.conftest import configure, received_by, rules_for, run_cli, send, storescp, wait_until
+from tests.conftest import (
+    configure,
+    familiar_bundle,
+    received_by,
+    rules_for,
+    run_cli,
+    send,
+    storescp,
+    unfamiliar_dicom,
+    wait_until,
+)
 from tests.dicom_factory import dicom_dataset
 
 
@@ -190,6 +201,29 @@ def test_dry_run_shows_the_rule_each_file_would_hit(tiny_bundle: Path, tmp_path:
     assert bad.returncode == 64
 
 
+@pytest.mark.usefixtures("settings")
+def test_dry_run_sends_a_view_unlike_the_training_images_to_review(tmp_path: Path) -> None:
+    synthesize(tmp_path / "seen", 30, sites=2, seed=11, long_side_px=64)
+    bundle = familiar_bundle(tmp_path / "bundle", tmp_path / "seen")
+    (tmp_path / "seen" / "checkerboard.dcm").write_bytes(unfamiliar_dicom())
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rules_for(4243)))  # review.above_novelty: the default, 1.0
+    result = run_cli(
+        "route", "--dry-run", str(tmp_path / "seen"), "--rules", str(rules), "--model", str(bundle), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    records = {Path(r["file"]).name: r for r in json.loads(result.stdout)}
+    odd = records.pop("checkerboard.dcm")
+    assert odd["novelty"] > 5.0 and odd["rule"] == "unfamiliar" and odd["routed_to"] == "review"
+    for r in records.values():  # the rest by their novelty: 95% of the images it was fitted on pass
+        assert (r["rule"] == "unfamiliar") == (r["novelty"] > 1.0) and r["rule"] in (
+            "unfamiliar",
+            "cr",
+            "default",
+        )
+    assert sum(r["routed_to"] != "review" for r in records.values()) >= 28
+
+
 def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_nothing_stalls(
     routed_stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
@@ -249,6 +283,44 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
     finally:
         storescp.terminate()
         storescp.wait()
+
+
+def test_the_router_sends_a_view_unlike_the_training_images_to_review_and_orthanc_says_why(
+    routed_stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack.Process("model_server", routed_stack).stop()
+    synthesize(tmp_path / "seen", 12, sites=2, seed=11, long_side_px=64)
+    monkeypatch.setenv("DICOM_ROUTER_MODEL_URI", str(familiar_bundle(tmp_path / "b", tmp_path / "seen")))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "checkerboard.dcm").write_bytes(unfamiliar_dicom())
+    settings = Settings()
+    server = stack.model_server_up(settings)
+    stack.router_up(settings)
+    port = stack.orthanc_status(settings)["dicom_port"]
+    for folder in ("seen", "odd"):
+        send(tmp_path / folder, port)
+    queue = RoutingQueue(settings.routing_queue)
+    wait_until(lambda: queue.counts() == {"done": 13}, 180, "13 instances routed")
+
+    orthanc = stack.orthanc_client(settings)
+    novelty = {i: float(orthanc.metadata("instances", i)["BodyPartNovelty"]) for i in orthanc.instances()}
+    (odd,) = [i for i, n in novelty.items() if n > 5.0]
+    for instance, value in novelty.items():
+        item = queue.get(instance)
+        assert item is not None and item.novelty == pytest.approx(value, abs=1e-4)
+        routed_to = orthanc.metadata("instances", instance)["RoutedTo"]
+        assert (item.rule == "unfamiliar") == (value > 1.0) == (routed_to == "review")
+    assert queue.get(odd).rule == "unfamiliar"  # type: ignore[union-attr]
+    listed = run_cli("review", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    reasons = {e["instance_id"]: e["reason"] for e in json.loads(listed.stdout)}
+    assert reasons[odd].startswith("rule unfamiliar (novelty ")
+    v1 = httpx.post(
+        f"{server}/v1/models/bodypart-router:predict",
+        json={"instances": [{"b64": base64.b64encode(unfamiliar_dicom()).decode()}]},
+        timeout=30,
+    )
+    assert v1.json()["predictions"][0]["novelty"] == pytest.approx(novelty[odd], rel=1e-3)
 
 
 def _counting_destination(

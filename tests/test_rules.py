@@ -38,8 +38,9 @@ def subject(
     calling_aet: str | None = None,
     study_conflict: bool = False,
     error: str | None = None,
+    novelty: float | None = None,
 ) -> Subject:
-    return Subject(body_part, confidence, tags or {}, calling_aet, study_conflict, error)
+    return Subject(body_part, confidence, tags or {}, calling_aet, study_conflict, error, novelty)
 
 
 def load_error(text: str, tmp_path: Path) -> str:
@@ -85,6 +86,23 @@ def test_low_confidence_goes_to_review_before_any_rule_but_unrouted_does_not() -
     assert decide(routing, subject("adult_chest", 0.6)).rule == "chest-rule"  # the threshold is exclusive
     assert decide(routing, subject("adult_chest", None)).rule == "low-confidence"
     assert decide(routing, subject("unrouted", None)).rule == "catch-all"
+
+
+def test_an_image_unlike_the_training_images_goes_to_review_however_confident_the_model() -> None:
+    routing = rules(CHEST_THEN_ANY, review="destination: station, below_confidence: 0.6")
+    assert routing.review.above_novelty == 1.0  # on unless a rules file turns it off
+    assert decide(routing, subject("adult_chest", 1.0, novelty=1.3)) == Decision(
+        "unfamiliar", "review", "station"
+    )
+    assert decide(routing, subject("adult_chest", 1.0, novelty=1.0)).rule == "chest-rule"  # 1.0 is familiar
+    assert decide(routing, subject("adult_chest", 1.0, novelty=None)).rule == "chest-rule"  # an older bundle
+    assert decide(routing, subject("adult_chest", 0.5, novelty=9.0)).rule == "low-confidence"
+    assert decide(routing, subject("unrouted", None, novelty=9.0)).rule == "catch-all"
+    assert decide(routing, subject("adult_chest", 1.0, novelty=9.0), reviewed=True).rule == "chest-rule"
+    off = rules(CHEST_THEN_ANY, review="destination: station, above_novelty: null")
+    assert decide(off, subject("adult_chest", 1.0, novelty=9.0)).rule == "chest-rule"
+    looser = rules(CHEST_THEN_ANY, review="destination: station, above_novelty: 2.5")
+    assert decide(looser, subject("adult_chest", 1.0, novelty=2.0)).rule == "chest-rule"
 
 
 def test_review_without_destination_keeps_the_instance_in_orthanc() -> None:

@@ -33,6 +33,7 @@ from dicom_router.inference import (
     metadata_vector,
 )
 from dicom_router.models import BodyPartNet, Scorer, export_bundle
+from dicom_router.novelty import Novelty, fit_novelty, novelty_of
 from dicom_router.registry import connect
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.synth import synthesize
@@ -180,7 +181,8 @@ def test_the_onnx_bundle_matches_the_torch_model(tmp_path: Path) -> None:
     bundle = Bundle(bundle_dir)
     images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
     meta = np.random.default_rng(1).random((3, len(METADATA_FEATURES)), dtype=np.float32)
-    probabilities, embedding = bundle.run(images, meta)
+    probabilities, embedding, novelty = bundle.run(images, meta)
+    assert novelty is None  # no novelty fitted: the bundle has the contract's two outputs
     with torch.no_grad():
         logits, expected_embedding = net(torch.from_numpy(images), torch.from_numpy(meta))
     np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=1e-5)
@@ -247,6 +249,8 @@ def test_cross_validation_by_group_tests_every_image_once_for_every_variant(
         for key in ("auto_routed", "misrouted"):  # each site's share of what the router did
             in_groups = sum(g["at_threshold"][key] for g in report["per_group"].values())
             assert in_groups == report["abstention"]["at_review_threshold"][key]
+        unfamiliar = sum(g["unfamiliar"] for g in report["per_group"].values())  # each fold's own fit
+        assert 0 < unfamiliar < 60 and unfamiliar == round(report["abstention"]["unfamiliar"] * 60)
     client = connect(settings)
     found = client.get_experiment_by_name("bodypart-router-candidates")
     assert found is not None
@@ -263,18 +267,27 @@ def test_an_ensemble_with_flips_exports_as_one_graph_that_matches_torch(tmp_path
     torch.manual_seed(0)
     members = [BodyPartNet("resnet18").eval(), BodyPartNet("mobilenetv2_100").eval()]
     scorer = Scorer(members, temperature=1.7, flip=True).eval()
+    seen = np.random.default_rng(2).random((12, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        seen_embedding = scorer(torch.from_numpy(seen))[1].numpy()
+    fit = fit_novelty(seen_embedding[:8], np.arange(8) % 5, seen_embedding[8:])
+    scorer.novelty = Novelty(fit)
     bundle = Bundle(export_bundle(scorer, PreprocessConfig(image_size=32), {}, tmp_path / "b"))
     assert bundle.card["arch"] == "resnet18+mobilenetv2_100+flip"
     assert bundle.card["temperature"] == pytest.approx(1.7)
+    assert bundle.card["novelty"]["scale"] == pytest.approx(fit.scale)
     images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
-    probabilities, embedding = bundle.run(images)
+    probabilities, embedding, novelty = bundle.run(images)
     with torch.no_grad():
-        expected, expected_embedding = scorer(torch.from_numpy(images))
+        expected, expected_embedding, expected_novelty = scorer(torch.from_numpy(images))
+    assert novelty is not None  # computed in the graph, as torch and the numpy fit compute it
+    assert np.allclose(novelty, expected_novelty.numpy(), rtol=1e-3)
+    assert np.allclose(novelty, novelty_of(fit, embedding), rtol=1e-3)
     np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
     widths = [m.backbone(torch.zeros(1, 1, 32, 32)).shape[1] for m in members]
     assert embedding.shape == (3, sum(widths))
     np.testing.assert_allclose(embedding, expected_embedding.numpy(), atol=1e-4)
-    mirrored, _ = bundle.run(np.ascontiguousarray(images[..., ::-1]))
+    mirrored = bundle.run(np.ascontiguousarray(images[..., ::-1])).probabilities
     np.testing.assert_allclose(mirrored, probabilities, atol=1e-5)  # TTA: a mirror image scores the same
     with torch.no_grad():
         single = [torch.log_softmax(m(torch.from_numpy(images))[0], 1) for m in members]
@@ -295,8 +308,10 @@ def test_member_scores_from_two_passes_equal_what_the_exported_scorers_compute()
     )
     members = [MemberScores.of(net, cached) for net in nets]
     for flip in (False, True):
-        expected, _ = predict_scores(Scorer(nets, flip=flip), cached)
-        np.testing.assert_allclose(combine(Variant((0, 1), flip), members), expected, atol=1e-5)
+        expected, expected_embedding = predict_scores(Scorer(nets, flip=flip), cached)
+        scores, embedding = combine(Variant((0, 1), flip), members)
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+        np.testing.assert_allclose(embedding, expected_embedding, atol=1e-4)
 
 
 def test_leave_one_group_out_gives_each_collection_its_own_fold() -> None:

@@ -4,7 +4,9 @@ images a router sends on automatically at a target accuracy.
 A router should rather send an image to review than misroute it. That is only a safe policy when the
 confidence it thresholds means what it says, so the bundle's probabilities are temperature-scaled on
 validation data (Guo et al. 2017), and the threshold is chosen on source-grouped cross-validation.
-Pure numpy: evaluation, training and reports share it without a model runtime.
+A confident model can still be far from anything it trained on: images whose ``novelty`` is above the
+rules' ``review.above_novelty`` are not ``familiar`` and go to review at any threshold, so every figure
+here takes that mask too. Pure numpy: evaluation, training and reports share it without a model runtime.
 """
 
 from __future__ import annotations
@@ -63,15 +65,30 @@ def fit_temperature(
     return float(np.exp((lo + hi) / 2.0))
 
 
-def risk_coverage(probabilities: npt.ArrayLike, labels: npt.ArrayLike) -> dict[str, list[float]]:
+def familiar_mask(novelty: npt.ArrayLike | None, above_novelty: float | None) -> npt.NDArray[np.bool_] | None:
+    """Which images the novelty check lets through (None: no check, every image may be routed)."""
+    if novelty is None or above_novelty is None:
+        return None
+    return np.asarray(novelty, dtype=np.float64) <= above_novelty
+
+
+def _routable(p: FloatArray, familiar: npt.ArrayLike | None) -> npt.NDArray[np.bool_]:
+    return np.ones(len(p), dtype=bool) if familiar is None else np.asarray(familiar, dtype=bool)
+
+
+def risk_coverage(
+    probabilities: npt.ArrayLike, labels: npt.ArrayLike, familiar: npt.ArrayLike | None = None
+) -> dict[str, list[float]]:
     """Auto-routed accuracy and coverage at every confidence threshold (most confident first):
-    ``threshold[i]`` keeps the images with confidence ≥ it."""
+    ``threshold[i]`` keeps the ``familiar`` images with confidence ≥ it (coverage counts all images,
+    so with a novelty check it never reaches 1)."""
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
-    confidence = p.max(axis=1)
+    routable = _routable(p, familiar)
+    confidence = p.max(axis=1)[routable]
     order = np.argsort(-confidence, kind="stable")
-    correct = (p.argmax(axis=1) == y)[order].astype(np.float64)
-    kept = np.arange(1, len(y) + 1, dtype=np.float64)
+    correct = (p.argmax(axis=1) == y)[routable][order].astype(np.float64)
+    kept = np.arange(1, len(correct) + 1, dtype=np.float64)
     return {
         "threshold": confidence[order].tolist(),
         "coverage": (kept / max(len(y), 1)).tolist(),
@@ -79,12 +96,17 @@ def risk_coverage(probabilities: npt.ArrayLike, labels: npt.ArrayLike) -> dict[s
     }
 
 
-def at_threshold(probabilities: npt.ArrayLike, labels: npt.ArrayLike, threshold: float) -> dict[str, float]:
-    """What a router with ``review.below_confidence = threshold`` does: the share it routes
-    automatically (coverage) and how often those are right."""
+def at_threshold(
+    probabilities: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    threshold: float,
+    familiar: npt.ArrayLike | None = None,
+) -> dict[str, float]:
+    """What a router with ``review.below_confidence = threshold`` (and the novelty check that gave
+    ``familiar``) does: the share it routes automatically (coverage) and how often those are right."""
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
-    kept = p.max(axis=1) >= threshold
+    kept = (p.max(axis=1) >= threshold) & _routable(p, familiar)
     n = int(kept.sum())
     right = int((p.argmax(axis=1)[kept] == y[kept]).sum())
     return {
@@ -96,10 +118,16 @@ def at_threshold(probabilities: npt.ArrayLike, labels: npt.ArrayLike, threshold:
     }
 
 
-def threshold_for(probabilities: npt.ArrayLike, labels: npt.ArrayLike, *, target: float = 0.99) -> float:
+def threshold_for(
+    probabilities: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    target: float = 0.99,
+    familiar: npt.ArrayLike | None = None,
+) -> float:
     """The lowest confidence threshold whose auto-routed accuracy is at least ``target`` (so coverage
     is as high as that accuracy allows); 1.0 when no threshold reaches it."""
-    curve = risk_coverage(probabilities, labels)
+    curve = risk_coverage(probabilities, labels, familiar)
     thresholds = curve["threshold"]
     best = 1.0
     for i, (threshold, accuracy) in enumerate(zip(thresholds, curve["accuracy"], strict=True)):
@@ -116,18 +144,26 @@ def abstention_report(
     threshold: float,
     target: float = 0.99,
     points: int = 50,
+    familiar: npt.ArrayLike | None = None,
 ) -> dict[str, Any]:
     """The ``abstention`` part of an evaluation report: at the given review threshold, the threshold
     that reaches ``target`` auto-routed accuracy on these images, and the risk–coverage curve (about
-    ``points`` points, the full coverage last)."""
-    chosen = threshold_for(probabilities, labels, target=target)
-    curve = risk_coverage(probabilities, labels)
+    ``points`` points, the full coverage last); with ``familiar``, the share the novelty check sends
+    to review (``unfamiliar``), every figure after it, and the review threshold's figures without it."""
+    chosen = threshold_for(probabilities, labels, target=target, familiar=familiar)
+    curve = risk_coverage(probabilities, labels, familiar)
     step = max(1, len(curve["threshold"]) // points)
     keep = sorted({*range(step - 1, len(curve["threshold"]), step), len(curve["threshold"]) - 1} - {-1})
+    n = len(np.asarray(labels))
+    check = (
+        {} if familiar is None else {"without_novelty_check": at_threshold(probabilities, labels, threshold)}
+    )
     return {
-        "at_review_threshold": at_threshold(probabilities, labels, threshold),
+        "unfamiliar": 0.0 if familiar is None else float(n - np.count_nonzero(familiar)) / max(n, 1),
+        "at_review_threshold": at_threshold(probabilities, labels, threshold, familiar),
+        **check,
         "target_accuracy": target,
         "threshold_for_target": chosen,
-        "at_threshold_for_target": at_threshold(probabilities, labels, chosen),
+        "at_threshold_for_target": at_threshold(probabilities, labels, chosen, familiar),
         "risk_coverage": {key: [values[i] for i in keep] for key, values in curve.items()},
     }

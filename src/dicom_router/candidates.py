@@ -26,7 +26,13 @@ import torch
 from mlflow.models import infer_signature
 
 from dicom_router import LABELS
-from dicom_router.calibration import abstention_report, fit_temperature, scaled, threshold_for
+from dicom_router.calibration import (
+    abstention_report,
+    familiar_mask,
+    fit_temperature,
+    scaled,
+    threshold_for,
+)
 from dicom_router.catalog import ingest, read_catalog
 from dicom_router.config import Settings
 from dicom_router.data import (
@@ -48,8 +54,10 @@ from dicom_router.evaluate import (
 )
 from dicom_router.inference import METADATA_FEATURES, Bundle, PreprocessConfig
 from dicom_router.models import BodyPartNet, Scorer, export_bundle
+from dicom_router.novelty import Novelty, fit_novelty, novelty_of
 from dicom_router.registry import CANDIDATES_EXPERIMENT, experiment, register_bundle
 from dicom_router.report.render import write_frame_report
+from dicom_router.routing.rules import Review
 from dicom_router.synth import PROFILES, synthesize
 from dicom_router.train import TrainConfig, predict_scores, train_candidate
 from dicom_router.weights import Weights, resolve
@@ -187,24 +195,36 @@ def all_variants(n: int) -> list[Variant]:
 
 @dataclass
 class MemberScores:
-    """One trained member's log-probability scores on a set of images, plain and flip-averaged."""
+    """One trained member's log-probability scores and embeddings on a set of images, plain and
+    flip-averaged."""
 
     plain: npt.NDArray[np.float32]
     tta: npt.NDArray[np.float32]
+    plain_embedding: npt.NDArray[np.float32]
+    tta_embedding: npt.NDArray[np.float32]
 
     @classmethod
     def of(cls, net: BodyPartNet, cached: CachedImages) -> MemberScores:
         """Two passes, the image and its mirror: flip TTA is their mean, as ``Scorer(flip=True)``."""
-        plain, _ = predict_scores(net, cached)
-        mirrored, _ = predict_scores(net, cached, mirrored=True)
-        return cls(plain, ((plain + mirrored) / 2).astype(np.float32))
+        plain, embedding = predict_scores(net, cached)
+        mirrored, mirrored_embedding = predict_scores(net, cached, mirrored=True)
+        return cls(
+            plain,
+            ((plain + mirrored) / 2).astype(np.float32),
+            embedding,
+            ((embedding + mirrored_embedding) / 2).astype(np.float32),
+        )
 
 
-def combine(variant: Variant, members: Sequence[MemberScores]) -> npt.NDArray[np.float32]:
-    """A variant's scores from its members' (what ``Scorer`` computes in one graph)."""
-    chosen = [members[i].tta if variant.flip else members[i].plain for i in variant.members]
-    out: npt.NDArray[np.float32] = np.mean(np.stack(chosen), axis=0)
-    return out
+def combine(
+    variant: Variant, members: Sequence[MemberScores]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """A variant's scores and embedding from its members' (what ``Scorer`` computes in one graph)."""
+    chosen = [members[i] for i in variant.members]
+    scores = [m.tta if variant.flip else m.plain for m in chosen]
+    embeddings = [m.tta_embedding if variant.flip else m.plain_embedding for m in chosen]
+    out: npt.NDArray[np.float32] = np.mean(np.stack(scores), axis=0)
+    return out, np.concatenate(embeddings, axis=1)
 
 
 def _check_ensemble(configs: Sequence[TrainConfig]) -> PreprocessConfig:
@@ -241,7 +261,7 @@ def score_cached(bundle: Bundle, cached: CachedImages) -> tuple[dict[str, Any], 
     """Evaluate the exported bundle (ONNX Runtime, the serving path) on cached preprocessed images."""
     images = cached.images.astype(np.float32)[:, None] / 65535.0
     start = time.perf_counter()
-    probabilities, _ = bundle.run(images, cached.meta)
+    probabilities = bundle.run(images, cached.meta).probabilities
     ms = (time.perf_counter() - start) * 1000.0 / max(len(images), 1)
     return evaluation_report(cached.labels, probabilities, LABELS, ms_per_image=ms), probabilities
 
@@ -255,11 +275,12 @@ def save_bundle(bundle: Bundle, out: Path) -> None:
     }
     if preprocess.metadata:
         example["meta"] = np.zeros((2, len(METADATA_FEATURES)), np.float32)
-    probabilities, embedding = bundle.run(example["image"], example.get("meta"))
+    scores = bundle.run(example["image"], example.get("meta"))
+    outputs = {name: value for name, value in scores._asdict().items() if value is not None}
     mlflow.onnx.save_model(
         onnx.load(str(bundle.path / "model.onnx")),
         str(out),
-        signature=infer_signature(example, {"probabilities": probabilities, "embedding": embedding}),
+        signature=infer_signature(example, outputs),
         input_example=example,
     )
     for name in ("labels.json", "preprocess.json", "card.json"):
@@ -301,6 +322,12 @@ def _publish(
         val_scores, _ = predict_scores(scorer, shared.parts["val"])
         temperature = fit_temperature(val_scores, shared.parts["val"].labels, bounds=(1.0, 20.0))
     scorer.temperature.fill_(temperature)
+    train_embedding = predict_scores(scorer, shared.parts["train"])[1]
+    scorer.novelty = Novelty(
+        fit_novelty(
+            train_embedding, shared.parts["train"].labels, predict_scores(scorer, shared.parts["val"])[1]
+        )
+    )
     facts = {
         "data_fingerprint": shared.labelled.fingerprint,
         "split_fingerprint": shared.split.fingerprint,
@@ -575,6 +602,7 @@ def cross_validate(
     folds: int | None = 3,
     seed: int = 0,
     review_threshold: float | None = None,
+    above_novelty: float | None = Review().above_novelty,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Group-wise cross-validation (e.g. by public collection): every image is tested once by models
@@ -584,7 +612,9 @@ def cross_validate(
     pooled predictions give one report per variant (per-class, per-group, risk–coverage and the review
     threshold for 99% auto-routed accuracy, the temperature for the final model), logged as nested
     MLflow runs. ``folds=None``: one fold per group (leave one source out). ``review_threshold`` (the
-    rules' ``review.below_confidence``) is reported beside the chosen one."""
+    rules' ``review.below_confidence``) is reported beside the chosen one. Each fold's novelty is fitted
+    on its own training images (scaled on its validation split), so images above ``above_novelty``
+    (the rules' ``review.above_novelty``) go to review in every routing figure, as in the router."""
     if group_by not in labelled.frame.columns:
         raise ValueError(f"no column {group_by!r} in the labelled data (labels.csv carries extra columns)")
     preprocess = _check_ensemble(configs)
@@ -599,6 +629,7 @@ def cross_validate(
     truth: list[npt.NDArray[np.int64]] = []
     groups: list[str] = []
     raw: dict[Variant, list[npt.NDArray[np.float32]]] = {v: [] for v in chosen}
+    novelty: dict[Variant, list[npt.NDArray[np.float32]]] = {v: [] for v in chosen}
     label = "loo" if folds is None else str(folds)
     names = "+".join(c.name for c in configs)
     experiment_id = experiment(settings, CANDIDATES_EXPERIMENT)
@@ -618,13 +649,17 @@ def cross_validate(
             rest = frame[~frame["sop_uid_hash"].isin(test_keys)]
             inner = split_examples(rest, seed=seed + fold, fractions=(0.85, 0.15, 0.0))
             train_keys = [k for k, s in inner.assignment.items() if s != "val"]
-            val, test = cached.select(inner.of("val")), cached.select(test_keys)
-            test_scores: list[MemberScores] = []
+            train, val, test = (
+                cached.select(train_keys),
+                cached.select(inner.of("val")),
+                cached.select(test_keys),
+            )
+            parts: dict[str, list[MemberScores]] = {"train": [], "val": [], "test": []}
             for config, synthetic in zip(configs, mixed, strict=True):
                 init = initial_weights(settings, config)
                 result = train_candidate(
                     config.model_copy(update={"seed": seed + fold}),
-                    cached.select(train_keys),
+                    train,
                     val,
                     Path(tmp) / f"fold{fold}.pt",
                     progress=progress,
@@ -632,9 +667,15 @@ def cross_validate(
                     backbone_state=synthetic_backbone(settings, config, init, progress=progress),
                     synthetic=synthetic,
                 )
-                test_scores.append(MemberScores.of(result.net, test))
+                for name, part in (("train", train), ("val", val), ("test", test)):
+                    parts[name].append(MemberScores.of(result.net, part))
             for variant in chosen:
-                raw[variant].append(combine(variant, test_scores))
+                test_scores, test_embedding = combine(variant, parts["test"])
+                fit = fit_novelty(
+                    combine(variant, parts["train"])[1], train.labels, combine(variant, parts["val"])[1]
+                )
+                raw[variant].append(test_scores)
+                novelty[variant].append(novelty_of(fit, test_embedding))
             truth.append(test.labels)
             groups.extend(group_of[k] for k in test.keys)
             fold_f1 = macro_f1(confusion_matrix(test.labels, raw[chosen[-1]][-1].argmax(axis=1), len(LABELS)))
@@ -648,9 +689,17 @@ def cross_validate(
             probabilities, temperatures = cross_fitted(raw[variant], truth)
             name = variant.name(configs)
             report = evaluation_report(y, probabilities, LABELS, 0.0)
-            threshold = threshold_for(probabilities, y) if review_threshold is None else review_threshold
-            report["abstention"] = abstention_report(probabilities, y, threshold=threshold)
-            report["per_group"] = group_report(groups, y, probabilities, LABELS, threshold=threshold)
+            familiar = familiar_mask(np.concatenate(novelty[variant]), above_novelty)
+            threshold = (
+                threshold_for(probabilities, y, familiar=familiar)
+                if review_threshold is None
+                else review_threshold
+            )
+            report["abstention"] = abstention_report(probabilities, y, threshold=threshold, familiar=familiar)
+            report["above_novelty"] = above_novelty
+            report["per_group"] = group_report(
+                groups, y, probabilities, LABELS, threshold=threshold, familiar=familiar
+            )
             report["temperatures"] = temperatures
             report["temperature"] = fit_temperature(np.concatenate(raw[variant]), y)
             reports[name] = report
@@ -658,7 +707,7 @@ def cross_validate(
                 experiment_id=experiment_id, run_name=f"cv-{group_by}-{label}-{name}", nested=True
             ):
                 mlflow.log_dict(report, "cv_evaluation.json")
-                _log_report("cv", report, probabilities, y, Path(tmp) / name)
+                _log_report("cv", report, probabilities, y, Path(tmp) / name, familiar)
         mlflow.log_dict({"variants": cv_table(reports)}, "cv_table.json")
     return reports
 
@@ -669,6 +718,7 @@ def _log_report(
     probabilities: npt.NDArray[np.floating[Any]],
     y: npt.NDArray[np.int64],
     work: Path,
+    familiar: npt.NDArray[np.bool_] | None = None,
 ) -> None:
     """Metrics (``PREFIX_macro_f1``, per-class recall and F1, …) and the confusion, reliability and
     (when the report has one) risk–coverage plots of an evaluation report, to the active MLflow run."""
@@ -685,7 +735,11 @@ def _log_report(
         metrics[f"{prefix}_review_threshold"] = abstention["threshold"]
         metrics[f"{prefix}_coverage_at_99"] = abstention["coverage"]
         risk = plot_risk_coverage(
-            probabilities, y, work / f"{prefix}_risk_coverage.png", threshold=abstention["threshold"]
+            probabilities,
+            y,
+            work / f"{prefix}_risk_coverage.png",
+            threshold=abstention["threshold"],
+            familiar=familiar,
         )
         mlflow.log_artifact(str(risk))
     mlflow.log_metrics(metrics)
@@ -695,8 +749,9 @@ def _log_report(
 
 
 def cv_table(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant: macro-F1 with its CI, per-class recall, ECE, and the review threshold with
-    the coverage that keeps auto-routed accuracy at 99%."""
+    """One row per variant: macro-F1 with its CI, per-class recall, ECE, the share the novelty check
+    sends to review, the review threshold with the coverage that keeps auto-routed accuracy at 99%,
+    and what the given review threshold does."""
     rows = []
     for name, report in reports.items():
         abstention = report["abstention"]["at_threshold_for_target"]
@@ -710,8 +765,13 @@ def cv_table(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "min_recall": min(report["per_class"][label]["recall"] for label in LABELS),
                 "recall": {label: report["per_class"][label]["recall"] for label in LABELS},
                 "review_threshold": abstention["threshold"],
+                "unfamiliar": report["abstention"]["unfamiliar"],
                 "coverage": abstention["coverage"],
                 "auto_routed_accuracy": abstention["auto_routed_accuracy"],
+                "at_review_threshold": report["abstention"]["at_review_threshold"],
+                "without_novelty_check": report["abstention"].get(
+                    "without_novelty_check", report["abstention"]["at_review_threshold"]
+                ),
             }
         )
     return rows

@@ -421,9 +421,16 @@ def train(
     labelled = load_labelled(settings, catalog=catalog, data=data_dirs, collections=collections)
     cv: dict[str, dict[str, Any]] = {}
     if cv_by:
-        review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review.below_confidence
+        review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review
         cv = cross_validate(
-            settings, labelled, configs, group_by=cv_by, folds=folds, seed=seed, review_threshold=review
+            settings,
+            labelled,
+            configs,
+            group_by=cv_by,
+            folds=folds,
+            seed=seed,
+            review_threshold=review.below_confidence,
+            above_novelty=review.above_novelty,
         )
         if not as_json:
             for name, report in cv.items():
@@ -485,7 +492,7 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
     settings = Settings()
     bundle = load_bundle(settings, model_uri)
     labelled = load_labelled(settings, data=[data_dir])
-    review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review.below_confidence
+    review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review
     frame = labelled.frame
     if split == "test":
         test = {item["sop_uid_hash"] for item in bundle.card.get("test_items", [])}
@@ -496,7 +503,14 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
         {"key": str(k), "label": str(v), "sop_uid_hash": str(h)}
         for k, v, h in zip(frame["key"], frame["label"], frame["sop_uid_hash"], strict=True)
     ]
-    report = score(bundle, labelled.source, items, settings, review_threshold=review)
+    report = score(
+        bundle,
+        labelled.source,
+        items,
+        settings,
+        review_threshold=review.below_confidence,
+        above_novelty=review.above_novelty,
+    )
     for error in report["errors"]:
         sys.stderr.write(f"{error['file']}: {error['type']}: {error['message']}\n")
     if as_json:
@@ -519,10 +533,16 @@ def _print_report(title: str, report: dict[str, Any]) -> None:
             f"F1 {row['f1']:.3f} (n={row['support']})"
         )
     if "abstention" in report:
+        unfamiliar = report["abstention"].get("unfamiliar", 0.0)
+        if unfamiliar:
+            stdout.print(f"  unlike the training images (novelty check): {unfamiliar:.1%} to review")
         for key, what in (
             ("at_review_threshold", "rules' review threshold"),
+            ("without_novelty_check", "the same without the novelty check"),
             ("at_threshold_for_target", "99%"),
         ):
+            if key not in report["abstention"]:
+                continue
             at = report["abstention"][key]
             stdout.print(
                 f"  review below {at['threshold']:.3f} ({what}): {at['coverage']:.1%} routed automatically, "

@@ -239,11 +239,13 @@ def evaluation_report(
     resamples: int = 10_000,
     seed: int = 0,
     review_threshold: float | None = None,
+    familiar: npt.ArrayLike | None = None,
 ) -> dict[str, Any]:
     """The contract's ``evaluate`` JSON document (plain Python types); predictions are the argmax.
 
     With ``review_threshold`` (the rules' ``review.below_confidence``) it also says how many images a
-    router would send on automatically and how often those are right (``abstention``)."""
+    router would send on automatically and how often those are right (``abstention``), the images not
+    ``familiar`` (novelty above the rules' limit) going to review."""
     k = len(labels)
     probs = np.asarray(probabilities, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != k:
@@ -274,7 +276,7 @@ def evaluation_report(
         "confusion_matrix": cm.tolist(),
         "errors": list(errors or []),
         **(
-            {"abstention": abstention_report(probs, y_true, threshold=review_threshold)}
+            {"abstention": abstention_report(probs, y_true, threshold=review_threshold, familiar=familiar)}
             if review_threshold is not None
             else {}
         ),
@@ -288,12 +290,14 @@ def group_report(
     labels: Sequence[str],
     *,
     threshold: float | None = None,
+    familiar: npt.ArrayLike | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per group (e.g. the source collection that played the unseen hospital): size, accuracy, the
     recall of each label present in it and what its images were called; with the review ``threshold``,
     what a router does with the group (``at_threshold``): an unseen hospital's hard images should go to
-    review, not be misrouted."""
+    review, not be misrouted (``familiar``: what the novelty check lets through)."""
     truth = np.asarray(y_true, dtype=np.int64)
+    routable = np.ones(len(truth), dtype=bool) if familiar is None else np.asarray(familiar, dtype=bool)
     scores = np.asarray(probabilities)
     predicted = scores.argmax(axis=1)
     names = np.asarray(groups, dtype=object)
@@ -308,23 +312,29 @@ def group_report(
             "predicted": {labels[c]: int((p == c).sum()) for c in sorted(set(p.tolist()))},
         }
         if threshold is not None:
-            out[str(group)]["at_threshold"] = at_threshold(scores[rows], t, threshold)
+            out[str(group)]["at_threshold"] = at_threshold(scores[rows], t, threshold, routable[rows])
+            out[str(group)]["unfamiliar"] = int((~routable[rows]).sum())
     return out
 
 
 def plot_risk_coverage(
-    probabilities: npt.ArrayLike, y_true: npt.ArrayLike, path: Path, *, threshold: float | None = None
+    probabilities: npt.ArrayLike,
+    y_true: npt.ArrayLike,
+    path: Path,
+    *,
+    threshold: float | None = None,
+    familiar: npt.ArrayLike | None = None,
 ) -> Path:
     """PNG risk–coverage curve: accuracy of the images routed automatically against the share routed,
     with the review threshold marked, so the price of each point of accuracy is visible."""
     from matplotlib.figure import Figure
 
-    curve = risk_coverage(probabilities, y_true)
+    curve = risk_coverage(probabilities, y_true, familiar)
     fig = Figure(figsize=(5.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(curve["coverage"], curve["accuracy"], color="tab:blue", label="auto-routed accuracy")
     if threshold is not None:
-        point = at_threshold(probabilities, y_true, threshold)
+        point = at_threshold(probabilities, y_true, threshold, familiar)
         ax.scatter(
             [point["coverage"]],
             [point["auto_routed_accuracy"]],

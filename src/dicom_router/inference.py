@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -175,9 +175,31 @@ class Prediction:
     label: str
     confidence: float
     probabilities: dict[str, float]
+    novelty: float | None = None
+    """How unlike the training images it is (``novelty``; above 1.0: unfamiliar); None when the bundle
+    predates novelty."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+        out = {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+        return out if self.novelty is None else {**out, "novelty": self.novelty}
+
+
+class Scores(NamedTuple):
+    """One ONNX Runtime call's outputs, row by row as the inputs."""
+
+    probabilities: npt.NDArray[np.float32]
+    """``[n, 5]``, calibrated."""
+    embedding: npt.NDArray[np.float32]
+    """``[n, D]``."""
+    novelty: npt.NDArray[np.float32] | None
+    """``[n]``; None when the bundle has no ``novelty`` output (bundles exported before it)."""
+
+    def rows(self, start: int, end: int) -> Scores:
+        return Scores(
+            self.probabilities[start:end],
+            self.embedding[start:end],
+            None if self.novelty is None else self.novelty[start:end],
+        )
 
 
 ALLOW_SPINNING = "session.intra_op.allow_spinning"
@@ -211,26 +233,35 @@ class Bundle:
         # from 17 to 23 instances/s on 2 cores.
         options.add_session_config_entry(ALLOW_SPINNING, "0")
         self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=providers)
+        self.outputs = [
+            name
+            for name in ("probabilities", "embedding", "novelty")
+            if name in {o.name for o in self.session.get_outputs()}
+        ]
 
-    def run(
-        self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32] | None = None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """Batched inputs → (probabilities ``[n, 5]``, embeddings ``[n, D]``)."""
+    def run(self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32] | None = None) -> Scores:
+        """Batched inputs → probabilities ``[n, 5]``, embeddings ``[n, D]`` and novelty ``[n]``."""
         feeds = {"image": np.ascontiguousarray(images, dtype=np.float32)}
         if self.preprocess.metadata:
             if meta is None:
                 raise ValueError("this model also takes header features (meta)")
             feeds["meta"] = np.ascontiguousarray(meta, dtype=np.float32)
-        probabilities, embedding = self.session.run(["probabilities", "embedding"], feeds)
-        return np.asarray(probabilities), np.asarray(embedding)
+        found = [np.asarray(x) for x in self.session.run(self.outputs, feeds)]
+        return Scores(found[0], found[1], found[2] if len(found) > 2 else None)
 
-    def prediction(self, probabilities: npt.NDArray[np.float32]) -> Prediction:
+    def prediction(self, probabilities: npt.NDArray[np.float32], novelty: float | None = None) -> Prediction:
         best = int(np.argmax(probabilities))
         return Prediction(
             self.labels[best],
             float(probabilities[best]),
             {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)},
+            None if novelty is None else float(novelty),
         )
+
+    def predictions(self, scores: Scores) -> list[Prediction]:
+        """One ``Prediction`` per row of a ``run``."""
+        novelty = [None] * len(scores.probabilities) if scores.novelty is None else scores.novelty.tolist()
+        return [self.prediction(row, n) for row, n in zip(scores.probabilities, novelty, strict=True)]
 
     def predict_items(
         self, items: Sequence[tuple[str, bytes]], *, max_pixels: int, batch_size: int = 32
@@ -251,11 +282,9 @@ class Bundle:
                     results[i] = exc
             if not batch:
                 continue
-            probabilities, _ = self.run(
-                np.stack([p.image for _, p in batch]), np.stack([p.meta for _, p in batch])
-            )
-            for (i, _), row in zip(batch, probabilities, strict=True):
-                results[i] = self.prediction(row)
+            scores = self.run(np.stack([p.image for _, p in batch]), np.stack([p.meta for _, p in batch]))
+            for (i, _), prediction in zip(batch, self.predictions(scores), strict=True):
+                results[i] = prediction
             done += len(batch)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         final = [r for r in results if r is not None]

@@ -16,6 +16,7 @@ from torch import nn
 
 from dicom_router import LABELS
 from dicom_router.inference import METADATA_FEATURES, PreprocessConfig
+from dicom_router.novelty import Novelty
 from dicom_router.weights import Weights, load_into
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ class BodyPartNet(nn.Module):
 class Scorer(nn.Module):
     """What a bundle computes: one or more members, each on the image and (TTA) its mirror image, their
     log-probabilities averaged and divided by a fitted temperature, then softmax; the embedding is the
-    members' (view-averaged) embeddings side by side. One graph, so the server, ``predict``, the router
-    and the gate run an ensemble exactly as a single model."""
+    members' (view-averaged) embeddings side by side, and (once fitted) its novelty. One graph, so the
+    server, ``predict``, the router and the gate run an ensemble exactly as a single model."""
 
     def __init__(
         self, members: Sequence[BodyPartNet], *, temperature: float = 1.0, flip: bool = False
@@ -94,6 +95,8 @@ class Scorer(nn.Module):
             raise ValueError("a scorer needs at least one model")
         self.members = nn.ModuleList(members)
         self.flip = flip
+        self.novelty: Novelty | None = None
+        """Set after training (``novelty.fit_novelty`` on this scorer's embeddings): a third output."""
         self.temperature: torch.Tensor
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
@@ -117,18 +120,20 @@ class Scorer(nn.Module):
             embeddings.append(torch.stack([e for _, e in outputs]).mean(0))
         return torch.stack(scores).mean(0), torch.cat(embeddings, dim=1)
 
-    def forward(
-        self, image: torch.Tensor, meta: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Calibrated probabilities and the embedding: the bundle's two outputs."""
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Calibrated probabilities, the embedding and, when fitted, the novelty: the bundle's outputs."""
         scores, embedding = self.logits(image, meta)
-        return torch.softmax(scores / self.temperature, dim=1), embedding
+        probabilities = torch.softmax(scores / self.temperature, dim=1)
+        if self.novelty is None:
+            return probabilities, embedding
+        return probabilities, embedding, self.novelty(embedding)
 
 
 def export_bundle(
     model: BodyPartNet | Scorer, preprocess: PreprocessConfig, card: dict[str, Any], out: Path
 ) -> Path:
-    """Write the contract's model bundle: model.onnx (dynamic batch), labels, preprocessing, card."""
+    """Write the contract's model bundle: model.onnx (dynamic batch; outputs ``probabilities``,
+    ``embedding`` and, when the scorer has one, ``novelty``), labels, preprocessing, card."""
     out.mkdir(parents=True, exist_ok=True)
     serving = (model if isinstance(model, Scorer) else Scorer([model])).eval().cpu()
     size = preprocess.image_size
@@ -144,7 +149,7 @@ def export_bundle(
         serving,
         example,
         input_names=names,
-        output_names=["probabilities", "embedding"],
+        output_names=["probabilities", "embedding", *(["novelty"] if serving.novelty is not None else [])],
         dynamic_shapes=shapes,
         dynamo=True,
         external_data=False,
@@ -154,7 +159,16 @@ def export_bundle(
     program.save(str(out / "model.onnx"))
     (out / "labels.json").write_text(json.dumps(list(LABELS)))
     (out / "preprocess.json").write_text(preprocess.model_dump_json(indent=2))
-    facts = {"arch": serving.name, "temperature": float(serving.temperature), "tta": serving.flip}
+    facts: dict[str, Any] = {
+        "arch": serving.name,
+        "temperature": float(serving.temperature),
+        "tta": serving.flip,
+    }
+    if serving.novelty is not None:
+        facts["novelty"] = {
+            "scale": serving.novelty.scale,
+            "directions": int(serving.novelty.directions.shape[1]),
+        }
     (out / "card.json").write_text(json.dumps({**facts, **card}, indent=2, default=str))
     log.info("exported %s bundle to %s", serving.name, out)
     return out

@@ -20,6 +20,7 @@ import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 
 from dicom_router import LABELS
+from dicom_router.calibration import familiar_mask
 from dicom_router.catalog import ingest, read_catalog
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError
@@ -73,24 +74,33 @@ def score(
     settings: Settings,
     *,
     review_threshold: float | None = None,
+    above_novelty: float | None = None,
 ) -> dict[str, Any]:
     """The contract's ``evaluate`` document for ``items`` (``key``, ``label``, ``sop_uid_hash``) under
-    ``source`` (with the abstention figures at ``review_threshold`` when given); errors name the
-    pseudonym, not the key."""
+    ``source`` (with the abstention figures at ``review_threshold`` when given, images whose novelty
+    is above ``above_novelty`` going to review); errors name the pseudonym, not the key."""
     store = open_store(source, settings)
     payloads = [(item["sop_uid_hash"], store.read(item["key"])) for item in items]
     results, ms = bundle.predict_items(payloads, max_pixels=settings.max_image_pixels)
-    truth, probabilities, errors = [], [], []
+    truth, probabilities, novelty, errors = [], [], [], []
     for item, result in zip(items, results, strict=True):
         if isinstance(result, DicomInputError):
             errors.append({"file": result.path, **result.as_dict()})
         else:
             truth.append(LABELS.index(item["label"]))
             probabilities.append([result.probabilities[label] for label in LABELS])
+            novelty.append(result.novelty)
     if not truth:
         raise ValueError(f"none of the {len(items)} test images could be classified")
+    known = [n for n in novelty if n is not None]  # a bundle without novelty: no check
     return evaluation_report(
-        np.array(truth), np.array(probabilities), LABELS, ms, errors=errors, review_threshold=review_threshold
+        np.array(truth),
+        np.array(probabilities),
+        LABELS,
+        ms,
+        errors=errors,
+        review_threshold=review_threshold,
+        familiar=familiar_mask(known if len(known) == len(novelty) else None, above_novelty),
     )
 
 

@@ -178,9 +178,10 @@ def score_items(
             ]
         )
         meta = np.stack([metadata_vector(acquisition_fields(d.dataset)) for d in decoded])
-        probabilities, embeddings = bundle.run(images, meta)
-        for image, row, embedding in zip(decoded, probabilities, embeddings, strict=True):
-            prediction = bundle.prediction(row)
+        scores = bundle.run(images, meta)
+        for image, prediction, embedding in zip(
+            decoded, bundle.predictions(scores), scores.embedding, strict=True
+        ):
             records.append(
                 log_record(
                     image.dataset,

@@ -19,9 +19,12 @@ USER_METADATA = {
     "RoutingError": 1028,
     "BodyPartConflict": 1029,
     "BodyPartReviewed": 1030,
+    "BodyPartNovelty": 1031,
 }
-"""The contract's instance metadata, plus ``BodyPartConflict`` on studies whose instances disagree and
-``BodyPartReviewed``, a reviewer's label (set in Orthanc Explorer, or by the router for a correction)."""
+"""The contract's instance metadata, plus ``BodyPartConflict`` on studies whose instances disagree,
+``BodyPartReviewed``, a reviewer's label (set in Orthanc Explorer, or by the router for a correction),
+and ``BodyPartNovelty``, how unlike the model's training images the instance is (above the rules'
+``review.above_novelty``: review)."""
 
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 

@@ -46,7 +46,7 @@ def dry_run(
             if isinstance(result, DicomInputError):
                 subjects[path] = Subject(None, None, tags, error=f"{result.type}: {result.reason}")
             else:
-                subjects[path] = Subject(result.label, result.confidence, tags)
+                subjects[path] = Subject(result.label, result.confidence, tags, novelty=result.novelty)
     records = []
     for path, _ in files:
         subject = subjects[path]
@@ -56,6 +56,7 @@ def dry_run(
                 "file": path,
                 "body_part": subject.body_part,
                 "confidence": subject.confidence,
+                "novelty": subject.novelty,
                 "error": subject.error,
                 "model": version if subject.confidence is not None else None,
                 "rule": decision.rule,

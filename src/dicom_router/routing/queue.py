@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS queue (
     site_id TEXT,
     scanner_id TEXT,
     margin REAL,
-    reviewed_label TEXT
+    reviewed_label TEXT,
+    novelty REAL
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS queue_study ON queue (study_id);
@@ -125,6 +126,7 @@ ADDED_COLUMNS = {
     "scanner_id": "TEXT",
     "margin": "REAL",
     "reviewed_label": "TEXT",
+    "novelty": "REAL",
 }
 """Columns later releases added: a queue file written by an older router gains them on open."""
 
@@ -150,6 +152,7 @@ COLUMNS = (
     "scanner_id",
     "margin",
     "reviewed_label",
+    "novelty",
 )
 
 
@@ -181,6 +184,8 @@ class Item:
     """The model's top probability minus the runner-up's: how unsure it was (review suggestions)."""
     reviewed_label: str | None = None
     """A reviewer's label: once set, the instance is routed by it (and no longer by the model)."""
+    novelty: float | None = None
+    """How unlike the model's training images it is (above the rules' threshold: review)."""
 
     @property
     def classified(self) -> bool:

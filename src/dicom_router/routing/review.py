@@ -57,6 +57,8 @@ def reason(item: Item) -> str:
         return f"dead letter: {item.last_error}"
     if item.routing_error is not None:
         return item.routing_error
+    if item.rule == "unfamiliar" and item.novelty is not None:
+        return f"rule unfamiliar (novelty {item.novelty:.2f}: unlike the model's training images)"
     return f"rule {item.rule}"
 
 
@@ -74,6 +76,7 @@ def entry(item: Item) -> dict[str, Any]:
         "body_part": item.body_part,
         "confidence": item.confidence,
         "margin": item.margin,
+        "novelty": item.novelty,
         "model_version": item.model_version,
         "routed_to": item.routed_to,
         "reason": reason(item) if on_worklist(item) else None,

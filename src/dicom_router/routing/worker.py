@@ -316,6 +316,7 @@ class Router:
             Subject(
                 body_part=item.body_part,
                 confidence=item.confidence,
+                novelty=item.novelty,
                 tags=tags,
                 calling_aet=calling_aet,
                 study_conflict=conflict,
@@ -376,6 +377,7 @@ class Router:
                 fields |= {
                     "body_part": answer.label,
                     "confidence": answer.confidence,
+                    "novelty": answer.novelty,
                     "margin": top - runner_up,
                     "model_version": answer.model_version,
                 }
@@ -393,6 +395,8 @@ class Router:
             values["BodyPart"] = item.body_part
         if item.confidence is not None:
             values["BodyPartConfidence"] = f"{item.confidence:.4f}"
+        if item.novelty is not None:
+            values["BodyPartNovelty"] = f"{item.novelty:.4f}"
         if item.model_version is not None:
             values["ModelVersion"] = f"{self.settings.registered_model}/{item.model_version}"
         if item.routing_error is not None:

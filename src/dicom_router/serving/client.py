@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dicom_router.dicom.errors import ERRORS_BY_TYPE, DicomInputError, NotDicom
-from dicom_router.serving.protocol import EXTRA_OUTPUTS, INPUT, MODEL_NAME, OUTPUTS, SHADOW_OUTPUTS
+from dicom_router.serving.protocol import EXTRA_OUTPUTS, INPUT, MODEL_NAME, NOVELTY, OUTPUTS, SHADOW_OUTPUTS
 
 
 class ModelUnavailable(RuntimeError):
@@ -41,6 +41,8 @@ class Classification:
     probabilities: dict[str, float]
     low_confidence: bool
     model_version: str
+    novelty: float | None = None
+    """Above 1.0: unlike the training images; None when the served bundle does not compute it."""
     embedding: npt.NDArray[np.float32] | None = None
     statistics: dict[str, float] | None = None
     """The image's grey-level facts from the server's decode (asked for with ``embedding``)."""
@@ -64,7 +66,7 @@ class ModelClient:
             return False
 
     def classify(self, data: bytes, *, path: str = "dicom", embedding: bool = False) -> Classification:
-        wanted = [*OUTPUTS, *EXTRA_OUTPUTS, *SHADOW_OUTPUTS] if embedding else list(OUTPUTS)
+        wanted = [*OUTPUTS, NOVELTY, *EXTRA_OUTPUTS, *SHADOW_OUTPUTS] if embedding else [*OUTPUTS, NOVELTY]
         body = {
             "inputs": [
                 {
@@ -100,6 +102,7 @@ class ModelClient:
             probabilities={name: float(p) for name, p in zip(labels, probabilities, strict=True)},
             low_confidence=bool(out["low_confidence"].reshape(-1)[0]),
             model_version=str(result.get("model_version")),
+            novelty=float(out[NOVELTY].reshape(-1)[0]) if NOVELTY in out else None,
             embedding=out["embedding"].reshape(-1).astype(np.float32) if embedding else None,
             statistics=parse_statistics(out.get("image_statistics")),
             **_shadow(out),

@@ -32,8 +32,16 @@ from prometheus_client import Counter, Histogram
 
 from dicom_router.config import Settings
 from dicom_router.dicom.errors import DicomInputError, InvalidPixelData, NotDicom
-from dicom_router.inference import Bundle, Prepared, PreprocessConfig, bundle_at, metadata_vector, prepare
-from dicom_router.serving.protocol import INPUT, MODEL_NAME
+from dicom_router.inference import (
+    Bundle,
+    Prepared,
+    PreprocessConfig,
+    Scores,
+    bundle_at,
+    metadata_vector,
+    prepare,
+)
+from dicom_router.serving.protocol import INPUT, MODEL_NAME, NOVELTY
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +84,7 @@ class Shadow:
 
 @dataclass
 class Outputs:
-    probabilities: npt.NDArray[np.float32]
-    embedding: npt.NDArray[np.float32]
+    scores: Scores
     bundle: Bundle
     inputs: Inputs
     shadow_probabilities: npt.NDArray[np.float32] | None = None
@@ -243,7 +250,7 @@ class _Pending:
     images: npt.NDArray[np.float32]
     meta: npt.NDArray[np.float32]
     bundle: Bundle
-    future: asyncio.Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+    future: asyncio.Future[Scores]
 
 
 @dataclass
@@ -257,10 +264,8 @@ class Batcher:
 
     async def submit(
         self, images: npt.NDArray[np.float32], meta: npt.NDArray[np.float32], bundle: Bundle
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        future: asyncio.Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = (
-            asyncio.get_running_loop().create_future()
-        )
+    ) -> Scores:
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
         await self.queue.put(_Pending(images, meta, bundle, future))
         return await future
 
@@ -289,7 +294,7 @@ class Batcher:
         bundle = group[0].bundle
         try:
             started = time.perf_counter()
-            probabilities, embedding = await loop.run_in_executor(
+            scores = await loop.run_in_executor(
                 None,
                 bundle.run,
                 np.concatenate([p.images for p in group]),
@@ -306,7 +311,7 @@ class Batcher:
         for pending in group:
             end = offset + len(pending.images)
             if not pending.future.done():
-                pending.future.set_result((probabilities[offset:end], embedding[offset:end]))
+                pending.future.set_result(scores.rows(offset, end))
             offset = end
 
 
@@ -499,18 +504,16 @@ class BodyPartModel(Model):  # type: ignore[misc]
     ) -> Outputs:
         champion = self.batcher.submit(inputs.images, inputs.meta, inputs.bundle)
         if inputs.shadow is None:
-            probabilities, embedding = await champion
-            return Outputs(probabilities, embedding, inputs.bundle, inputs)
+            return Outputs(await champion, inputs.bundle, inputs)
         shadow = self.batcher.submit(inputs.shadow.images, inputs.shadow.meta, inputs.shadow.bundle)
         answered, shadowed = await asyncio.gather(champion, shadow, return_exceptions=True)
         if isinstance(answered, BaseException):
             raise answered
-        probabilities, embedding = answered
         if isinstance(shadowed, BaseException):  # the challenger's failure is logged, never the answer's
             log.warning("shadow: the challenger failed: %s", shadowed.__class__.__name__)
             inputs.shadow = None
-            return Outputs(probabilities, embedding, inputs.bundle, inputs)
-        return Outputs(probabilities, embedding, inputs.bundle, inputs, shadowed[0])
+            return Outputs(answered, inputs.bundle, inputs)
+        return Outputs(answered, inputs.bundle, inputs, shadowed.probabilities)
 
     async def postprocess(
         self,
@@ -518,7 +521,8 @@ class BodyPartModel(Model):  # type: ignore[misc]
         headers: dict[str, str] | None = None,  # noqa: ARG002  (KServe's signature)
     ) -> dict[str, Any] | InferResponse:
         bundle = outputs.bundle
-        predictions = [bundle.prediction(row) for row in outputs.probabilities]
+        scores = outputs.scores
+        predictions = bundle.predictions(scores)
         threshold = self.settings.low_confidence
         for p in predictions:
             PREDICTIONS.labels(label=p.label).inc()
@@ -532,22 +536,24 @@ class BodyPartModel(Model):  # type: ignore[misc]
                         "version": bundle.version,
                         **({"embedding": e.tolist()} if outputs.inputs.want_embedding else {}),
                     }
-                    for p, e in zip(predictions, outputs.embedding, strict=True)
+                    for p, e in zip(predictions, scores.embedding, strict=True)
                 ]
             }
         n = len(predictions)
         result = [
             InferOutput("label", [n], "BYTES", [p.label for p in predictions]),
             InferOutput(
-                "probabilities", [n, len(bundle.labels)], "FP32", outputs.probabilities.reshape(-1).tolist()
+                "probabilities", [n, len(bundle.labels)], "FP32", scores.probabilities.reshape(-1).tolist()
             ),
             InferOutput("confidence", [n], "FP32", [p.confidence for p in predictions]),
             InferOutput("low_confidence", [n], "BOOL", [p.confidence < threshold for p in predictions]),
         ]
+        if scores.novelty is not None:
+            result.append(InferOutput(NOVELTY, [n], "FP32", scores.novelty.tolist()))
         if outputs.inputs.want_embedding:
             result.append(
                 InferOutput(
-                    "embedding", list(outputs.embedding.shape), "FP32", outputs.embedding.reshape(-1).tolist()
+                    "embedding", list(scores.embedding.shape), "FP32", scores.embedding.reshape(-1).tolist()
                 )
             )
         if outputs.inputs.want_statistics:
@@ -582,6 +588,7 @@ class BodyPartModel(Model):  # type: ignore[misc]
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 5]},
             {"name": "confidence", "datatype": "FP32", "shape": [-1]},
             {"name": "low_confidence", "datatype": "BOOL", "shape": [-1]},
+            {"name": NOVELTY, "datatype": "FP32", "shape": [-1]},
             {"name": "embedding", "datatype": "FP32", "shape": [-1, -1]},
             {"name": "image_statistics", "datatype": "BYTES", "shape": [-1]},
         ]

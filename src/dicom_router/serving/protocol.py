@@ -9,6 +9,9 @@ INPUT = "dicom"
 """The BYTES input: one base64-encoded DICOM file per element."""
 OUTPUTS = ("label", "probabilities", "confidence", "low_confidence")
 """What every answer has; ``EXTRA_OUTPUTS`` only when asked for."""
+NOVELTY = "novelty"
+"""How unlike the training images each input is (above 1.0: unfamiliar, the router sends it to
+review): in every answer of a bundle that computes it, absent for bundles exported before it."""
 EXTRA_OUTPUTS = ("embedding", "image_statistics")
 """The bundle's embedding and the decoded image's statistics (the inference log's inputs)."""
 SHADOW_OUTPUTS = ("shadow_label", "shadow_confidence", "shadow_version")
