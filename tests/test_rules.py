@@ -156,9 +156,9 @@ def test_confidence_bounds_are_min_inclusive_and_max_exclusive() -> None:
 
 def test_conflicting_study_routes_to_review_first_in_the_example() -> None:
     routing = RoutingRules.load(EXAMPLE_RULES)
-    conflicted = subject("adult_chest", 0.95, study_conflict=True)
+    conflicted = subject("adult_chest", 0.97, study_conflict=True)
     assert decide(routing, conflicted) == Decision("conflicting-study", "review", "review-station")
-    assert decide(routing, subject("adult_chest", 0.95)).routed_to == "chest-pacs"
+    assert decide(routing, subject("adult_chest", 0.97)).routed_to == "chest-pacs"
 
 
 def test_example_file_loads_and_routes_every_class() -> None:
