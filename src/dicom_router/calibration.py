@@ -72,8 +72,9 @@ def familiar_mask(novelty: npt.ArrayLike | None, above_novelty: float | None) ->
     return np.asarray(novelty, dtype=np.float64) <= above_novelty
 
 
-def _routable(p: FloatArray, familiar: npt.ArrayLike | None) -> npt.NDArray[np.bool_]:
-    return np.ones(len(p), dtype=bool) if familiar is None else np.asarray(familiar, dtype=bool)
+def routable(n: int, familiar: npt.ArrayLike | None) -> npt.NDArray[np.bool_]:
+    """Which of ``n`` images a threshold may route: the ``familiar`` ones, or all without a check."""
+    return np.ones(n, dtype=bool) if familiar is None else np.asarray(familiar, dtype=bool)
 
 
 def risk_coverage(
@@ -84,10 +85,10 @@ def risk_coverage(
     so with a novelty check it never reaches 1)."""
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
-    routable = _routable(p, familiar)
-    confidence = p.max(axis=1)[routable]
+    allowed = routable(len(p), familiar)
+    confidence = p.max(axis=1)[allowed]
     order = np.argsort(-confidence, kind="stable")
-    correct = (p.argmax(axis=1) == y)[routable][order].astype(np.float64)
+    correct = (p.argmax(axis=1) == y)[allowed][order].astype(np.float64)
     kept = np.arange(1, len(correct) + 1, dtype=np.float64)
     return {
         "threshold": confidence[order].tolist(),
@@ -106,7 +107,7 @@ def at_threshold(
     ``familiar``) does: the share it routes automatically (coverage) and how often those are right."""
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
-    kept = (p.max(axis=1) >= threshold) & _routable(p, familiar)
+    kept = (p.max(axis=1) >= threshold) & routable(len(p), familiar)
     n = int(kept.sum())
     right = int((p.argmax(axis=1)[kept] == y[kept]).sum())
     return {

@@ -317,17 +317,13 @@ def _publish(
     validation that may only soften), export the bundle, score it on the test split through ONNX
     Runtime, log bundle, metrics and plots to the active run and (optionally) register it."""
     calibration = shared.calibration.get(scorer.name, {})
+    val_scores, val_embedding = predict_scores(scorer, shared.parts["val"])
     temperature = calibration.get("temperature")
     if temperature is None:
-        val_scores, _ = predict_scores(scorer, shared.parts["val"])
         temperature = fit_temperature(val_scores, shared.parts["val"].labels, bounds=(1.0, 20.0))
     scorer.temperature.fill_(temperature)
     train_embedding = predict_scores(scorer, shared.parts["train"])[1]
-    scorer.novelty = Novelty(
-        fit_novelty(
-            train_embedding, shared.parts["train"].labels, predict_scores(scorer, shared.parts["val"])[1]
-        )
-    )
+    scorer.novelty = Novelty(fit_novelty(train_embedding, shared.parts["train"].labels, val_embedding))
     facts = {
         "data_fingerprint": shared.labelled.fingerprint,
         "split_fingerprint": shared.split.fingerprint,

@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from dicom_router.calibration import abstention_report, at_threshold, risk_coverage
+from dicom_router.calibration import abstention_report, at_threshold, risk_coverage, routable
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -297,7 +297,7 @@ def group_report(
     what a router does with the group (``at_threshold``): an unseen hospital's hard images should go to
     review, not be misrouted (``familiar``: what the novelty check lets through)."""
     truth = np.asarray(y_true, dtype=np.int64)
-    routable = np.ones(len(truth), dtype=bool) if familiar is None else np.asarray(familiar, dtype=bool)
+    allowed = routable(len(truth), familiar)
     scores = np.asarray(probabilities)
     predicted = scores.argmax(axis=1)
     names = np.asarray(groups, dtype=object)
@@ -312,8 +312,8 @@ def group_report(
             "predicted": {labels[c]: int((p == c).sum()) for c in sorted(set(p.tolist()))},
         }
         if threshold is not None:
-            out[str(group)]["at_threshold"] = at_threshold(scores[rows], t, threshold, routable[rows])
-            out[str(group)]["unfamiliar"] = int((~routable[rows]).sum())
+            out[str(group)]["at_threshold"] = at_threshold(scores[rows], t, threshold, allowed[rows])
+            out[str(group)]["unfamiliar"] = int((~allowed[rows]).sum())
     return out
 
 

@@ -19,7 +19,7 @@ for 6 to 11 points of coverage (README, "Training").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -67,13 +67,6 @@ class Novelty(nn.Module):
         return squared.min(dim=1).values / self.scale
 
 
-def _squared(fit: NoveltyFit, embeddings: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    unscaled = NoveltyFit(fit.means, fit.directions, fit.variances, fit.floor, 1.0)
-    with torch.no_grad():
-        out: npt.NDArray[np.float32] = Novelty(unscaled)(torch.from_numpy(embeddings)).numpy()
-    return out
-
-
 def fit_novelty(
     embeddings: npt.ArrayLike, labels: npt.ArrayLike, held_out: npt.ArrayLike, *, n_classes: int = 5
 ) -> NoveltyFit:
@@ -93,18 +86,21 @@ def fit_novelty(
     sample = singular**2
     floor = SHRINKAGE * float(sample.sum()) / dim
     keep = sample > 1e-12 * max(float(sample.max()), 1e-30)
-    fit = NoveltyFit(
+    unscaled = NoveltyFit(
         means.astype(np.float32),
         np.ascontiguousarray(vt[keep].T, dtype=np.float32),
         ((1.0 - SHRINKAGE) * sample[keep] + floor).astype(np.float32),
         floor,
         1.0,
     )
-    scale = float(np.quantile(_squared(fit, reference), QUANTILE))
-    return NoveltyFit(fit.means, fit.directions, fit.variances, fit.floor, max(scale, 1e-12))
+    scale = float(np.quantile(novelty_of(unscaled, reference), QUANTILE))
+    return replace(unscaled, scale=max(scale, 1e-12))
 
 
 def novelty_of(fit: NoveltyFit, embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """The score of each embedding row, as the bundle computes it."""
-    scaled = _squared(fit, np.asarray(embeddings, dtype=np.float32)) / fit.scale
-    return scaled.astype(np.float32)
+    with torch.no_grad():
+        out: npt.NDArray[np.float32] = Novelty(fit)(
+            torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+        ).numpy()
+    return out
