@@ -183,18 +183,23 @@ def test_settings_reach_step_subprocesses_through_the_environment(
     assert Settings() == settings
 
 
-def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promotes_and_deploys(
-    s3_settings: Settings, tmp_path: Path, shared_dir: Path
-) -> None:
+def _local_run_settings(s3_settings: Settings, tmp_path: Path, **extra: Any) -> Settings:
+    """Settings of a local pipeline run: its own data dir, the session's S3."""
     conn = s3_connection(s3_settings)
-    settings = Settings(
+    return Settings(
         data_dir=tmp_path / "data",
         s3_endpoint_url=conn.endpoint_url,
         s3_access_key_id=conn.access_key_id,
         s3_secret_access_key=conn.secret_access_key,
-        gate_floor=0.0,
-        workers=1,
-        weights_dir=shared_dir / "weights",
+        **extra,
+    )
+
+
+def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promotes_and_deploys(
+    s3_settings: Settings, tmp_path: Path, shared_dir: Path
+) -> None:
+    settings = _local_run_settings(
+        s3_settings, tmp_path, gate_floor=0.0, workers=1, weights_dir=shared_dir / "weights"
     )
     synthesize(tmp_path / "synth", 40, sites=2, seed=11, long_side_px=48)
     bucket = settings.s3_bucket
@@ -262,6 +267,19 @@ def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promo
     assert gate("1", settings)["promoted"] is True and len(history(settings)) == 1  # asks, records nothing
     with pytest.raises(GateChanged):  # the If was taken on "refused": promote must not go on to deploy
         promote_version("1", settings, expect_promoted=False)
+
+
+def test_a_failed_local_run_says_which_task_failed_and_why_with_its_log(
+    s3_settings: Settings, tmp_path: Path
+) -> None:
+    settings = _local_run_settings(s3_settings, tmp_path)
+    source = f"s3://{settings.s3_bucket}/pipeline-test/nothing-here"
+    params = {"source": source, "catalog_uri": f"{source}/catalog.parquet", "epochs": 1}
+    with pytest.raises(RuntimeError) as failed:
+        run_local("training", params, settings, log_file=tmp_path / "kfp.log")
+    message = str(failed.value)
+    assert "ingest-shard" in message  # kfp's own words: which task
+    assert "Traceback" in message and str(tmp_path / "kfp.log") in message  # and the task's own error
 
 
 # --- one deployment contract: the compiled pipelines read what the chart provides --------------------

@@ -115,8 +115,8 @@ EOF
 sed "s/VERSION/$VERSION/" infra/k8s/destination.yaml | kubectl -n "$NS" apply -f - >/dev/null
 log "helm install (no model yet)"
 "$HELM" upgrade --install "$RELEASE" charts/dicom-router -n "$NS" \
-  -f infra/k8s/deploy-test-values.yaml -f "$RULES" --wait --timeout 10m >/dev/null
-kubectl -n "$NS" wait --for=condition=Available deployment --all --timeout=600s >/dev/null
+  -f infra/k8s/deploy-test-values.yaml -f "$RULES" >/dev/null
+"$PY" infra/k8s/deploy_test.py ready --namespace "$NS"   # on progress, not a deadline; says why if stuck
 phase "install + Available"
 
 # --- 4. a model ---------------------------------------------------------------------------------------------
@@ -129,8 +129,8 @@ DICOM_ROUTER_DATA_DIR="$WORK/data" DICOM_ROUTER_S3_ENDPOINT_URL="$S3_URL" \
   "$PY" infra/k8s/deploy_test.py publish --bundle-uri "$BUNDLE_URI" --sample "$WORK/sample"
 "$HELM" upgrade "$RELEASE" charts/dicom-router -n "$NS" --reuse-values \
   --set inferenceService.enabled=true --set-string inferenceService.modelVersion=1 \
-  --set inferenceService.storageUri="$BUNDLE_URI" --wait --timeout 10m >/dev/null
-kubectl -n "$NS" wait --for=condition=Available deployment/bodypart-router-predictor --timeout=600s >/dev/null
+  --set inferenceService.storageUri="$BUNDLE_URI" >/dev/null
+"$PY" infra/k8s/deploy_test.py ready --namespace "$NS"
 phase "model published + predictor"
 
 # --- 5. route DICOM through the pods; the drift job ----------------------------------------------------------

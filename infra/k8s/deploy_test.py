@@ -1,5 +1,7 @@
 """The checks of ``make deploy-test`` (infra/k8s/deploy-test.sh runs them; the script holds the wiring).
 
+ready    every Deployment Available; each change of its pods printed, and on a stall (or a pod that cannot
+         start: an image missing, a crash loop) the node's conditions, events and the failing logs
 publish  a seeded 32 px bundle (real ONNX, real preprocessing) and a few synthetic radiographs; the bundle
          goes to the in-cluster S3 where the plain-Deployment predictor fetches it
 route    C-STORE the radiographs to the Orthanc Service; every SOP instance must arrive exactly once at
@@ -37,13 +39,129 @@ INSTANCES = 12
 SAMPLE_URI = "s3://dicom-router/deploy-test/dicom"
 
 
-def wait(what: str, done: Callable[[], bool], timeout_s: float = 600.0) -> None:
-    """Poll ``done`` until it holds; the error says what never happened."""
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"deploy-test: timed out waiting for {what}")
+# How long nothing may change before a wait gives up: a busy machine is slow, a stuck one is still.
+STALL_S = 900.0
+HOPELESS = {
+    "ErrImageNeverPull",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+}
+MAX_RESTARTS = 5
+
+
+def wait(
+    what: str, probe: Callable[[], tuple[bool, tuple[Any, ...]]], namespace: str, stall_s: float = STALL_S
+) -> None:
+    """Poll ``probe`` (done, state) until done. It gives up only when the state has not changed for
+    ``stall_s`` (no fixed deadline: CI machines are busy), printing each change and, on failure, what
+    the cluster says about the namespace."""
+    last: tuple[Any, ...] | None = None
+    changed = time.monotonic()
+    while True:
+        done, state = probe()
+        if done:
+            return
+        if state != last:
+            last, changed = state, time.monotonic()
+            print(f"[wait] {what}: {_describe(state)}", flush=True)
+        elif time.monotonic() - changed > stall_s:
+            diagnose(namespace)
+            raise SystemExit(f"deploy-test: {what}: nothing changed for {stall_s:.0f} s ({_describe(state)})")
         time.sleep(2)
+
+
+def _describe(state: tuple[Any, ...]) -> str:
+    parts = (" ".join(part) if isinstance(part, tuple) else str(part) for part in state)
+    return "; ".join(parts) or "no pods yet"
+
+
+def pod_states(namespace: str, selector: list[str]) -> tuple[tuple[str, ...], ...]:
+    """Each pod's name, phase, ready containers, restarts and why a container waits: what a wait
+    watches for progress (and fails fast on when it cannot come)."""
+    pods = json.loads(kubectl(namespace, "get", "pods", *selector, "-o", "json"))["items"]
+    states = []
+    for pod in pods:
+        statuses = _statuses(pod)
+        ready = sum(bool(s.get("ready")) for s in pod["status"].get("containerStatuses", []))
+        restarts = sum(int(s.get("restartCount", 0)) for s in statuses)
+        waiting = sorted(
+            {s["state"]["waiting"].get("reason", "") for s in statuses if "waiting" in s["state"]}
+        )
+        reason = f" waiting {','.join(waiting)}" if waiting else ""
+        states.append(
+            (
+                pod["metadata"]["name"],
+                pod["status"].get("phase", "?"),
+                f"{ready}/{len(pod['spec']['containers'])} ready",
+                f"{restarts} restarts{reason}",
+            )
+        )
+        if HOPELESS & set(waiting) or restarts >= MAX_RESTARTS:
+            diagnose(namespace)
+            raise SystemExit(f"deploy-test: a pod cannot start: {' '.join(states[-1])}")
+    return tuple(sorted(states))
+
+
+def _statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    status = pod["status"]
+    return list(status.get("initContainerStatuses", [])) + list(status.get("containerStatuses", []))
+
+
+def ready(namespace: str) -> None:
+    """Every Deployment of the namespace Available with its pods of the current template ready."""
+
+    def probe() -> tuple[bool, tuple[Any, ...]]:
+        deployments = json.loads(kubectl(namespace, "get", "deployments", "-o", "json"))["items"]
+        available = all(
+            any(c["type"] == "Available" and c["status"] == "True" for c in d["status"].get("conditions", []))
+            and d["status"].get("updatedReplicas", 0) == d["spec"].get("replicas", 1)
+            and d["status"].get("readyReplicas", 0) == d["spec"].get("replicas", 1)
+            and d["status"].get("observedGeneration") == d["metadata"]["generation"]
+            for d in deployments
+        )
+        return available, pod_states(namespace, [])
+
+    wait("every Deployment Available", probe, namespace)
+    print(f"every Deployment of {namespace} Available", flush=True)
+
+
+def diagnose(namespace: str) -> None:
+    """What a person would look at first when the cluster does not get there: node conditions, pods,
+    recent events, and the logs of containers that are not ready (this one and the last run)."""
+    sections = [
+        (
+            "node conditions",
+            [
+                "kubectl",
+                "get",
+                "nodes",
+                "-o",
+                "custom-columns=NAME:.metadata.name,"
+                "CONDITIONS:.status.conditions[*].type,STATUS:.status.conditions[*].status",
+            ],
+        ),
+        ("pods", ["kubectl", "-n", namespace, "get", "pods", "-o", "wide"]),
+        ("events", ["kubectl", "-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]),
+    ]
+    pods = json.loads(_run(["kubectl", "-n", namespace, "get", "pods", "-o", "json"]) or '{"items": []}')
+    for pod in pods["items"]:
+        for status in _statuses(pod):
+            if status.get("ready") or "terminated" in status["state"]:
+                continue
+            name, container = pod["metadata"]["name"], status["name"]
+            logs = ["kubectl", "-n", namespace, "logs", name, "-c", container, "--tail", "40"]
+            sections.append((f"logs {name}/{container}", logs))
+            if status.get("restartCount"):
+                sections.append((f"logs {name}/{container}, last run", [*logs, "--previous"]))
+    for title, command in sections:
+        print(f"--- {title}\n{_run(command)[-6000:]}", file=sys.stderr, flush=True)
+
+
+def _run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return done.stdout + done.stderr
 
 
 def publish(bundle_uri: str, sample: Path) -> None:
@@ -80,7 +198,11 @@ def route(sample: Path, orthanc: str, destination: str, namespace: str, pod: str
             ids: list[str] = client.get("/instances").json()
             return ids
 
-        wait(f"{len(sent)} instances at the destination", lambda: len(arrived()) >= len(sent))
+        def probe() -> tuple[bool, tuple[Any, ...]]:
+            n = len(arrived())
+            return n >= len(sent), (f"{n} of {len(sent)} arrived", *pod_states(namespace, []))
+
+        wait(f"{len(sent)} instances at the destination", probe, namespace)
         time.sleep(5)  # anything sent twice would arrive now
         received = Counter(
             client.get(f"/instances/{i}").json()["MainDicomTags"]["SOPInstanceUID"] for i in arrived()
@@ -98,7 +220,7 @@ def route(sample: Path, orthanc: str, destination: str, namespace: str, pod: str
 
 
 def drift(namespace: str, job: str) -> None:
-    wait(f"job {job}", lambda: job_finished(namespace, job))
+    wait(f"job {job}", lambda: job_finished(namespace, job), namespace)
     pods = json.loads(kubectl(namespace, "get", "pods", "-l", f"job-name={job}", "-o", "json"))["items"]
     codes = [
         s["state"]["terminated"]["exitCode"]
@@ -183,7 +305,7 @@ def step(namespace: str, pipeline: Path, task: str, source: str) -> None:
     )
     assert applied.returncode == 0, "the step's Job was refused"
 
-    wait(f"the {task} Job", lambda: job_finished(namespace, f"step-{task}"))
+    wait(f"the {task} Job", lambda: job_finished(namespace, f"step-{task}"), namespace)
     output = json.loads(kubectl(namespace, "logs", f"job/step-{task}", "-c", "outputs"))
     plan = output["parameterValues"]["Output"]
     assert plan == [{"index": i, "count": 3} for i in range(3)], output
@@ -205,9 +327,10 @@ def _from_refs(sources: list[dict[str, Any]], ref: str, name: str, key: str) -> 
     ]
 
 
-def job_finished(namespace: str, job: str) -> bool:
+def job_finished(namespace: str, job: str) -> tuple[bool, tuple[Any, ...]]:
     status: dict[str, Any] = json.loads(kubectl(namespace, "get", "job", job, "-o", "json"))["status"]
-    return bool(status.get("succeeded") or status.get("failed"))
+    finished = bool(status.get("succeeded") or status.get("failed"))
+    return finished, pod_states(namespace, ["-l", f"job-name={job}"])
 
 
 def kubectl(namespace: str, *args: str) -> str:
@@ -234,6 +357,8 @@ def main(argv: list[str]) -> None:
     t.add_argument("--pipeline", type=Path, required=True)
     t.add_argument("--task", required=True)
     t.add_argument("--source", required=True)
+    w = steps.add_parser("ready")
+    w.add_argument("--namespace", required=True)
     d = steps.add_parser("drift")
     d.add_argument("--namespace", required=True)
     d.add_argument("--job", required=True)
@@ -242,6 +367,8 @@ def main(argv: list[str]) -> None:
         publish(args.bundle_uri, args.sample)
     elif args.step == "route":
         route(args.sample, args.orthanc, args.destination, args.namespace, args.pod)
+    elif args.step == "ready":
+        ready(args.namespace)
     elif args.step == "step":
         step(args.namespace, args.pipeline, args.task, args.source)
     else:

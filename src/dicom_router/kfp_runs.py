@@ -8,6 +8,8 @@ import importlib
 import json
 import logging
 import os
+import re
+import sys
 import tempfile
 import threading
 import time
@@ -158,6 +160,13 @@ def _restore_root_logger(level: int, handlers: list[logging.Handler]) -> None:
     logging.root.handlers[:] = handlers
 
 
+def _log_tail(log_file: Path, lines: int = 60) -> str:
+    """The end of a failed run's task logs, without kfp.local's colours: where the failing task's
+    traceback is (kfp's own error names only the task)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log_file.read_text(errors="replace"))
+    return f"last {lines} lines of the task logs ({log_file}):\n" + "\n".join(text.splitlines()[-lines:])
+
+
 def run_local(
     name: str, params: Mapping[str, Any], settings: Settings, *, log_file: Path | None = None
 ) -> LocalRun:
@@ -200,7 +209,13 @@ def run_local(
         local.init(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
         )
-        task = pipeline_func(**dict(params))
+        try:
+            task = pipeline_func(**dict(params))
+        except RuntimeError as failed:
+            if log_file is None:  # the task logs went to stdout, where the user sees them
+                raise
+            sys.stdout.flush()
+            raise RuntimeError(f"{failed}\n{_log_tail(log_file)}") from failed
     wall = time.perf_counter() - start
     [run_dir] = [p for p in root.iterdir() if p.is_dir()]
     outputs = {k: (v.path if hasattr(v, "path") else v) for k, v in task.outputs.items()}

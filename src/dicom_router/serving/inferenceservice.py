@@ -189,8 +189,8 @@ def render_inference_service(spec: InferenceServiceSpec) -> dict[str, Any]:
         ],
         "ports": [{"containerPort": spec.port, "protocol": "TCP"}],
         # The bundle is local (/mnt/models), so the server starts in seconds; the startup probe still
-        # allows ~2.5 min for CUDA initialisation before liveness can restart the container.
-        "startupProbe": _http_probe("/v2/health/live", spec.port, period_s=5, failures=30),
+        # allows 10 min (CUDA initialisation, a busy node) before liveness can restart the container.
+        "startupProbe": _http_probe("/v2/health/live", spec.port, period_s=5, failures=120),
         "readinessProbe": _http_probe("/v2/health/ready", spec.port, period_s=5, failures=3),
         "livenessProbe": _http_probe("/v2/health/live", spec.port, period_s=10, failures=3),
         "resources": resources,
