@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from evidently.core.report import Snapshot
 
@@ -62,7 +63,7 @@ from dicom_router.monitoring.job import DriftJob, drift_job, parse_window
 from dicom_router.monitoring.reference import load_frame, load_reference, reference_for_model
 from dicom_router.registry import connect, experiment, register_bundle
 from dicom_router.synth import new_equipment_at, synthesize
-from tests.conftest import run_cli
+from tests.conftest import familiar_bundle, run_cli
 
 KEY = b"monitoring-test-pseudonym-key"
 MAX_PIXELS = 10_000_000
@@ -271,6 +272,7 @@ class _Answer:
     shadow_label: str | None = None
     shadow_confidence: float | None = None
     shadow_version: str | None = None
+    novelty: float | None = None
 
 
 def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(
@@ -283,7 +285,9 @@ def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(
     began = time.perf_counter()
     for i, record in enumerate(records):
         data = (tmp_path / "dicom" / record.file).read_bytes()
-        answer = _Answer("spine", 0.8, "3", np.ones(512, np.float32), served if i == 0 else None)
+        answer = _Answer(
+            "spine", 0.8, "3", np.ones(512, np.float32), served if i == 0 else None, novelty=0.5 + i
+        )
         hook(f"orthanc-{i}", data, answer)
     hook("orthanc-bad", b"not a dicom", _Answer("spine", 0.8, "3", None))
     queued_s = time.perf_counter() - began
@@ -295,6 +299,7 @@ def test_the_routing_hook_logs_each_classified_instance_off_the_routing_path(
     assert frame["img_mean"].notna().all() and frame["emb_7"].notna().all()
     assert frame["site_id"].nunique() == 2
     assert (frame["img_mean"] == 0.123).sum() == 1  # taken from the answer, not decoded again
+    assert sorted(frame["novelty"]) == [0.5, 1.5, 2.5, 3.5, 4.5]
 
 
 # --- drift per group -------------------------------------------------------------------------------
@@ -327,6 +332,30 @@ def test_new_site_alerts_at_its_first_instance(
     )
     assert document["groups"][0]["by"] == {} and document["groups"][0]["n_current"] == 40  # new site kept out
     assert document["alert"] is True and exit_code(result) == EXIT_ALERT == 3
+
+
+def test_a_site_whose_images_the_model_does_not_know_drifts_in_novelty(tmp_path: Path) -> None:
+    synthesize(tmp_path / "train", 80, sites=4, seed=21, long_side_px=SIDE)
+    familiar = Bundle(familiar_bundle(tmp_path / "bundle", tmp_path / "train"), version="1")
+    reference = _logged(familiar, tmp_path / "reference", 160, seed=22)
+    records = synthesize(tmp_path / "window", 160, sites=4, seed=23, long_side_px=SIDE)
+    files = [tmp_path / "window" / r.file for r in records]
+    sites = list(_score(familiar, files)["site_id"])  # in file order
+    site = sites[0]
+    for path, at in zip(files, sites, strict=True):  # the site's own headers, but a view never trained on
+        if at == site:
+            ds = pydicom.dcmread(path)
+            board = np.indices(ds.pixel_array.shape).sum(axis=0) // 6 % 2 * (2**ds.BitsStored - 1)
+            ds.set_pixel_data(board.astype(ds.pixel_array.dtype), ds.PhotometricInterpretation, ds.BitsStored)
+            ds.save_as(path)
+    window = _score(familiar, files)
+    assert reference["novelty"].notna().all() and window["novelty"].notna().all()  # logged per instance
+    assert window.loc[window["site_id"] == site, "novelty"].min() > 1.0  # all unfamiliar there
+
+    result = run_drift(reference, window, ["site_id"], AlertRules(column_sets=("prediction",)))
+    by_site = {g.by.get("site_id"): g for g in result.groups if g.by}
+    assert "novelty" in by_site[site].drifted_columns and by_site[site].alert
+    assert all("novelty" not in g.drifted_columns for name, g in by_site.items() if name != site)
 
 
 def test_in_distribution_windows_do_not_alert(

@@ -74,7 +74,8 @@ def _metric(
 
 
 def _panels_for(metadata: dict[str, str], what: str) -> list[DashboardPanelPlot]:
-    """Drift share, new-source instances, prediction mix and mean confidence for one slice of snapshots."""
+    """Drift share, new-source instances, prediction mix, mean confidence and mean novelty for one slice
+    of snapshots."""
     return [
         line_plot_panel(
             title=f"Drift share — {what}",
@@ -105,6 +106,11 @@ def _panels_for(metadata: dict[str, str], what: str) -> list[DashboardPanelPlot]
         line_plot_panel(
             title=f"Mean confidence — {what}",
             values=[_metric("MeanValue", "confidence", labels={"column": "confidence"}, metadata=metadata)],
+            size="half",
+        ),
+        line_plot_panel(  # 1.0: the 95th percentile of held-out images; a new hospital's views move it
+            title=f"Mean novelty — {what}",
+            values=[_metric("MeanValue", "novelty", labels={"column": "novelty"}, metadata=metadata)],
             size="half",
         ),
     ]

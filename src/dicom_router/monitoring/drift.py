@@ -48,6 +48,10 @@ prediction mix, mean confidence) ~1 s. A group that alerts in its compact run is
 its verdict is read from that run, the one shown."""
 
 
+SUMMARISED = ("pred_label", "confidence", "novelty")
+"""Shown for every group whether tested or not: the prediction mix and the mean confidence and novelty
+(the dashboard's panels)."""
+
 CHI2_TWO_SAMPLE = "chi2_two_sample"
 """A categorical drift test registered with Evidently: chi-square on the 2 x k contingency table of
 reference and current counts. Evidently's own ``chisquare`` is a goodness-of-fit test that takes the
@@ -303,7 +307,7 @@ def run_drift(
                 raise DriftInputError(f"--by {column}: the {name} has no such column")
     candidates = monitored_columns(rules.column_sets)
     columns = [c for c in candidates if c in reference.columns and c in current.columns]
-    extras = [c for c in ("pred_label", "confidence") if c in current.columns and c not in columns]
+    extras = [c for c in SUMMARISED if c in current.columns and c not in columns]
     ref = _prepared(reference, columns + [c for c in extras if c in reference.columns])
     cur = _prepared(current, columns + extras)
     ref_keys = {c: _group_keys(reference[c]) for c in by}
@@ -383,8 +387,8 @@ class _Context:
     ) -> Snapshot:
         """The group's one Evidently run: every tested column's drift test (``ValueDrift``, its verdict
         is the alert's input) with the drift share, plus instances, prediction mix and mean confidence
-        (what the dashboard's panels plot). ``detailed`` runs the drift preset: the same tests with
-        their distributions and the drift table."""
+        and novelty (what the dashboard's panels plot). ``detailed`` runs the drift preset: the same
+        tests with their distributions and the drift table."""
         rules = self.rules
         metrics: list[Any] = []
         if ref is not None and tested:
@@ -410,18 +414,23 @@ class _Context:
         metrics.append(RowCount())
         if "pred_label" in cur.columns:
             metrics.append(UniqueValueCount(column="pred_label"))
-        if "confidence" in cur.columns and cur["confidence"].notna().any():
-            metrics.append(MeanValue(column="confidence"))
-        shown = [c for c in cur.columns if c in tested or c in ("pred_label", "confidence")]
+        compared = ref if tested else None
+        summarised = [
+            c
+            for c in SUMMARISED
+            if c in cur.columns and cur[c].notna().any() and (compared is None or c in compared.columns)
+        ]
+        metrics.extend(MeanValue(column=c) for c in summarised if c != "pred_label")
+        shown = [c for c in cur.columns if c in tested or c in summarised]
         definition = DataDefinition(
             numerical_columns=[c for c in shown if c not in CATEGORICAL_COLUMNS],
             categorical_columns=[c for c in shown if c in CATEGORICAL_COLUMNS],
         )
         current_data = Dataset.from_pandas(cur[shown].reset_index(drop=True), data_definition=definition)
         reference_data = None
-        if ref is not None and tested:
+        if compared is not None:
             reference_data = Dataset.from_pandas(
-                ref[shown].reset_index(drop=True), data_definition=definition
+                compared[shown].reset_index(drop=True), data_definition=definition
             )
         labels = _labels(by, new_source)
         tags = [*self.tags, "drift", labels["grouping"], *(["new_source"] if new_source else [])]

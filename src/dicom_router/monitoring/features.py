@@ -44,7 +44,9 @@ METADATA_CATEGORICAL: tuple[str, ...] = (
 )
 METADATA_NUMERICAL: tuple[str, ...] = ("pixel_spacing", "kvp", "exposure", "rows", "columns", "age_years")
 PREDICTION_CATEGORICAL: tuple[str, ...] = ("pred_label",)
-PREDICTION_NUMERICAL: tuple[str, ...] = ("confidence",)
+PREDICTION_NUMERICAL: tuple[str, ...] = ("confidence", "novelty")
+"""``novelty`` is tested like any column: a hospital whose images the model does not know moves it
+(and, where the bundle computes none, it is null and not tested)."""
 
 COLUMN_SETS: dict[str, tuple[str, ...]] = {
     "metadata": METADATA_CATEGORICAL + METADATA_NUMERICAL,

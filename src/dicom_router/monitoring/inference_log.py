@@ -74,6 +74,7 @@ LOG_SCHEMA = pa.schema(
         *((f"img_{name}", pa.float64()) for name in STAT_NAMES),
         ("pred_label", pa.string()),
         ("confidence", pa.float64()),
+        ("novelty", pa.float64()),
         *((name, pa.float32()) for name in EMBEDDING_COLUMNS),
         ("shadow_label", pa.string()),
         ("shadow_confidence", pa.float64()),
@@ -82,8 +83,9 @@ LOG_SCHEMA = pa.schema(
 )
 """Every part file has exactly this schema; header columns have the catalog's names and types, so a
 catalog, a reference and the log compare column by column. No patient pseudonym, no free text. The
-``shadow_*`` columns hold the challenger's answer when a model was in shadow (null otherwise; parts
-written before they existed read as null)."""
+``shadow_*`` columns hold the challenger's answer when a model was in shadow, ``novelty`` how far the
+image lies from what the model was trained on (``dicom_router.novelty``; null for a bundle without it,
+and in parts written before these columns existed)."""
 _PART = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/part-(\d{8}T\d{2})Z-[^/]+\.parquet$")
 PART_HOUR = "%Y%m%dT%H"
 """The UTC hour a part was written, in its name (``part_name``); a window's lost records are those of the
@@ -113,13 +115,14 @@ def log_record(
     at: datetime,
     *,
     key: bytes,
+    novelty: float | None = None,
 ) -> dict[str, Any]:
     """One routed instance → its log record (``LOG_SCHEMA`` keys).
 
     ``key`` is the deployment's pseudonym key (``deid.load_key``), so ``site_id`` and ``scanner_id`` are
     the catalog's; ``statistics`` are the image's (``inference.statistics_of``). ``embedding`` is the
     bundle's raw ``[D]`` (or ``[1, D]``) output, projected here; None (a server that returns no
-    embedding) leaves the projection empty (NaN).
+    embedding) leaves the projection empty (NaN); ``novelty`` None (a bundle without it) leaves it null.
     """
     fields = acquisition_fields(ds)
     record: dict[str, Any] = {
@@ -134,6 +137,7 @@ def log_record(
     label, confidence = prediction
     record["pred_label"] = label
     record["confidence"] = float(confidence)
+    record["novelty"] = None if novelty is None else float(novelty)
     record.update(dict.fromkeys(("shadow_label", "shadow_confidence", "shadow_version")))
     if embedding is None:
         record.update(dict.fromkeys(EMBEDDING_COLUMNS, math.nan))
@@ -191,6 +195,7 @@ def score_items(
                     version,
                     when,
                     key=key,
+                    novelty=prediction.novelty,
                 )
             )
     return records, errors
@@ -452,6 +457,9 @@ class Answer(Protocol):
     def embedding(self) -> npt.NDArray[np.float32] | None: ...
 
     @property
+    def novelty(self) -> float | None: ...
+
+    @property
     def shadow_label(self) -> str | None: ...
 
     @property
@@ -508,7 +516,16 @@ class InstanceLogger:
                     decoded = decode_bytes(data, instance_id, max_pixels=self.max_pixels)
                     ds, statistics = decoded.dataset, statistics_of(decoded)
                 prediction = (answer.label, answer.confidence)
-                record = log_record(ds, statistics, prediction, answer.embedding, version, at, key=self.key)
+                record = log_record(
+                    ds,
+                    statistics,
+                    prediction,
+                    answer.embedding,
+                    version,
+                    at,
+                    key=self.key,
+                    novelty=answer.novelty,
+                )
                 if answer.shadow_label is not None:
                     record["shadow_label"] = answer.shadow_label
                     record["shadow_confidence"] = answer.shadow_confidence
