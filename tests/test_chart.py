@@ -452,7 +452,7 @@ def test_every_container_has_resources_probes_and_a_non_root_read_only_security_
                 assert "readinessProbe" in container, name
             # A slow start on a busy node must not be killed by liveness (a restart loop that never
             # gets ready): a startup probe with minutes of patience, and liveness only after it.
-            startup = container["startupProbe"]
+            startup = container.get("startupProbe", {})
             assert startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) >= 300, name
             assert "initialDelaySeconds" not in container["livenessProbe"], name
 
