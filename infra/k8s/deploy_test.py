@@ -145,7 +145,8 @@ def diagnose(namespace: str) -> None:
         ("pods", ["kubectl", "-n", namespace, "get", "pods", "-o", "wide"]),
         ("events", ["kubectl", "-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]),
     ]
-    pods = json.loads(_run(["kubectl", "-n", namespace, "get", "pods", "-o", "json"]) or '{"items": []}')
+    listed = _run(["kubectl", "-n", namespace, "get", "pods", "-o", "json"])
+    pods = json.loads(listed.stdout) if listed.returncode == 0 else {"items": []}  # stderr is no JSON
     for pod in pods["items"]:
         for status in _statuses(pod):
             if status.get("ready") or "terminated" in status["state"]:
@@ -156,12 +157,13 @@ def diagnose(namespace: str) -> None:
             if status.get("restartCount"):
                 sections.append((f"logs {name}/{container}, last run", [*logs, "--previous"]))
     for title, command in sections:
-        print(f"--- {title}\n{_run(command)[-6000:]}", file=sys.stderr, flush=True)
+        done = _run(command)
+        print(f"--- {title}\n{(done.stdout + done.stderr)[-6000:]}", file=sys.stderr, flush=True)
 
 
-def _run(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    return done.stdout + done.stderr
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """A command whose failure is itself part of the diagnosis (``kubectl`` stops on one)."""
+    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 def publish(bundle_uri: str, sample: Path) -> None:
