@@ -68,10 +68,11 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     ),
     "fine-tune-lite2": (("tf_efficientnet_lite2",), "fine-tune", {}),
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
+    "fine-tune-mobilenetv2-224": (("mobilenetv2_100",), "fine-tune", {"image_size": 224}),  # the former
 }
 """name → (architectures, library recipe, overrides)."""
 REVIEW = Review()
-"""The rules' defaults: review below 0.95 confidence and above 1.0 novelty."""
+"""The rules' defaults: review below 0.97 confidence and above 1.0 novelty."""
 
 
 def main() -> int:

@@ -44,13 +44,14 @@ from pathlib import Path
 
 import torch
 
-from dicom_router.inference import PreprocessConfig
 from dicom_router.models import BodyPartNet, export_bundle
 from dicom_router.synth import synthesize
+from dicom_router.train import recipe_config
 
 work = Path(sys.argv[1])
 torch.manual_seed(0)
-export_bundle(BodyPartNet("mobilenetv2_100").eval(), PreprocessConfig(image_size=224), {}, work / "bundle")
+config = recipe_config("fine-tune", arch="mobilenetv2_100")  # the shape make train-real promotes
+export_bundle(BodyPartNet(config.arch).eval(), config.preprocess, {}, work / "bundle")
 synthesize(work / "dicom", 4, seed=5, long_side_px=256)
 PY
 chmod -R a+rX "$WORK"

@@ -96,7 +96,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "scratch": {},
     "fine-tune": {
         "pretrained": True,
-        "image_size": 224,
+        "image_size": 288,
         "epochs": 12,
         "patience": 6,
         "warmup_epochs": 2,
@@ -108,7 +108,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 """Named training recipes (TrainConfig fields). ``fine-tune`` is the one source-grouped cross-validation
 chose for small real data (bench/recipes.py): ImageNet weights, the head first, then the backbone at
-0.3x the learning rate with its stem frozen, site/view augmentation, 224 px."""
+0.3x the learning rate with its stem frozen, site/view augmentation, 288 px."""
 
 
 def recipe_config(recipe: str, **fields: Any) -> TrainConfig:
