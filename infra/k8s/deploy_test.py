@@ -336,7 +336,7 @@ def job_finished(namespace: str, job: str) -> tuple[bool, tuple[Any, ...]]:
 
 
 def kubectl(namespace: str, *args: str) -> str:
-    done = subprocess.run(["kubectl", "-n", namespace, *args], capture_output=True, text=True, check=False)
+    done = _run(["kubectl", "-n", namespace, *args])
     if done.returncode != 0:
         raise SystemExit(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout

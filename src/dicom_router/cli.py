@@ -242,7 +242,7 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
     "--recipe",
     default="scratch",
     show_default=True,
-    help="Named defaults for the options below: scratch, or fine-tune (ImageNet weights, 288 px, warm-up…)",
+    help="Named defaults for the options below: scratch, or fine-tune (ImageNet weights, warm-up, views…)",
 )
 @click.option("--catalog", help="Labelled catalog (ingest --labels output), local or s3://")
 @click.option(
