@@ -70,6 +70,27 @@ def test_instances_without_a_patient_are_their_own_group() -> None:
     assert sorted(set(split.assignment.values())) == ["test", "train", "val"]
 
 
+def test_a_split_with_a_share_gets_a_patient_even_when_each_label_has_too_few_to_deal_one_there() -> None:
+    frame = pd.DataFrame(
+        {
+            "patient_hash": [f"p{i}" for i in range(2 * len(LABELS))],
+            "sop_uid_hash": [f"s{i}" for i in range(2 * len(LABELS))],
+            "label": [LABELS[i % len(LABELS)] for i in range(2 * len(LABELS))],
+        }
+    )
+    for seed in range(5):  # two patients per label: dealt within labels, both would go to train
+        split = split_examples(frame, seed=seed)
+        where = frame.assign(split=frame["sop_uid_hash"].map(split.assignment))
+        assert sorted(where["split"].value_counts().items()) == [
+            ("test", 1),
+            ("train", 2 * len(LABELS) - 2),
+            ("val", 1),
+        ]
+        assert set(where.loc[where["split"] == "train", "label"]) == set(LABELS)  # every label trains
+        cv = split_examples(frame, seed=seed, fractions=(0.85, 0.15, 0.0))
+        assert sorted(set(cv.assignment.values())) == ["train", "val"]  # no share, no test patient
+
+
 def test_the_cache_serves_a_second_run_without_decoding(tmp_path: Path, settings: Settings) -> None:
     data = tmp_path / "dicoms"
     synthesize(data, 12, seed=2, long_side_px=64)
@@ -181,7 +202,11 @@ def test_a_label_nearly_all_from_one_source_is_split_by_image_so_every_fold_can_
 
 def test_too_few_patients_to_split_is_a_clear_error_not_a_crash() -> None:
     frame = pd.DataFrame(
-        {"sop_uid_hash": [f"s{i}" for i in range(10)], "patient_hash": ["p1"] * 10, "label": ["spine"] * 10}
+        {
+            "sop_uid_hash": [f"s{i}" for i in range(2 * len(LABELS))],
+            "patient_hash": ["p1"] * 10,
+            "label": ["spine"] * 10,
+        }
     )
     with pytest.raises(ValueError, match=r"1 patient.*cannot fill train and val"):
         split_examples(frame, seed=0)

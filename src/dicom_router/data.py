@@ -65,26 +65,32 @@ def split_examples(
     """70/15/15 stratified by label and grouped by patient: no patient in two splits.
 
     Each patient goes with their most frequent label; within a label, patients are shuffled (seeded) and
-    dealt to the split furthest below its target share of that label's instances.
+    dealt to the split furthest below its target share of that label's instances. With a handful of
+    patients per label every one of them can fall to train; a split with a share that got no patient at
+    all then takes the smallest train patient of the largest label that keeps another one in train, so
+    whether a small set splits does not hang on the order the pseudonyms happened to shuffle into.
     """
     rng = np.random.default_rng(seed)
     groups = frame["patient_hash"].fillna(frame["sop_uid_hash"])
-    by_label: defaultdict[str, list[tuple[str, list[str]]]] = defaultdict(list)
-    for group, members in frame.groupby(groups, sort=True):
+    by_label: defaultdict[str, list[list[str]]] = defaultdict(list)
+    for _, members in frame.groupby(groups, sort=True):
         label = str(members["label"].mode().iloc[0])
-        by_label[label].append((str(group), [str(k) for k in members["sop_uid_hash"]]))
-    assignment: dict[str, str] = {}
+        by_label[label].append([str(k) for k in members["sop_uid_hash"]])
+    dealt: list[tuple[str, list[str], str]] = []  # (label, instances, split), one per patient
     for label in sorted(by_label):
         patients = by_label[label]
-        order = rng.permutation(len(patients))
-        total = sum(len(p[1]) for p in patients)
+        total = sum(len(p) for p in patients)
         counts = dict.fromkeys(SPLITS, 0)
-        for index in order:
-            _, instances = patients[index]
+        for index in rng.permutation(len(patients)):
+            instances = patients[index]
             deficit = {s: f * total - counts[s] for s, f in zip(SPLITS, fractions, strict=True)}
             chosen = max(SPLITS, key=lambda s: (deficit[s], -SPLITS.index(s)))
             counts[chosen] += len(instances)
-            assignment.update(dict.fromkeys(instances, chosen))
+            dealt.append((label, instances, chosen))
+    for name, fraction in zip(SPLITS[1:], fractions[1:], strict=True):
+        if fraction > 0 and all(split != name for _, _, split in dealt):
+            _move_one_from_train(dealt, name)
+    assignment = {k: split for _, instances, split in dealt for k in instances}
     empty = [s for s in ("train", "val") if s not in set(assignment.values())]
     if empty:  # (an empty test split is allowed: cross-validation folds train without one)
         raise ValueError(
@@ -92,6 +98,20 @@ def split_examples(
             f"{', '.join(empty)} would be empty; label more patients"
         )
     return Split(assignment, seed)
+
+
+def _move_one_from_train(dealt: list[tuple[str, list[str], str]], name: str) -> None:
+    """Give split ``name`` the smallest train patient of the largest label left with two in train."""
+    in_train: defaultdict[str, int] = defaultdict(int)
+    size: defaultdict[str, int] = defaultdict(int)
+    for label, instances, split in dealt:
+        size[label] += len(instances)
+        in_train[label] += split == "train"
+    spare = [i for i, (label, _, split) in enumerate(dealt) if split == "train" and in_train[label] >= 2]
+    if spare:
+        index = min(spare, key=lambda i: (-size[dealt[i][0]], len(dealt[i][1])))
+        label, instances, _ = dealt[index]
+        dealt[index] = (label, instances, name)
 
 
 # --- the preprocessed-image cache -----------------------------------------------------------------
