@@ -56,6 +56,11 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         "fine-tune",
         {"mix_synthetic": 1000, "mix_share": 0.25, "synthetic_variety": True},
     ),
+    "fine-tune-mobilenetv2-mix-variety": (
+        ("mobilenetv2_100",),
+        "fine-tune",
+        {"mix_synthetic": 1000, "mix_share": 0.25, "synthetic_variety": True},
+    ),
     "fine-tune-shallower": (
         ("tf_efficientnet_lite0", "mobilenetv2_100"),
         "fine-tune",
