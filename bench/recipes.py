@@ -56,6 +56,8 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         "fine-tune",
         {"mix_synthetic": 1000, "mix_share": 0.25, "synthetic_variety": True},
     ),
+    "fine-tune-mobilenetv2-8-epochs": (("mobilenetv2_100",), "fine-tune", {"epochs": 8}),
+    "fine-tune-mobilenetv2-20-epochs": (("mobilenetv2_100",), "fine-tune", {"epochs": 20, "patience": 8}),
     "fine-tune-mobilenetv2-mix-variety": (
         ("mobilenetv2_100",),
         "fine-tune",
