@@ -159,7 +159,7 @@ def plot_acquisition(document: Mapping[str, Any]) -> Figure | None:
             }
             for r in rows
         ]
-        boxes = ax.bxp(stats, vert=False, patch_artist=True, showfliers=False)
+        boxes = ax.bxp(stats, orientation="horizontal", patch_artist=True, showfliers=False)
         for box, r in zip(boxes["boxes"], rows, strict=True):
             box.set_facecolor("tab:red" if (r["scanner_id"], column) in flagged else "tab:blue")
             box.set_alpha(0.6)
