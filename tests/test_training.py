@@ -3,6 +3,7 @@ with MLflow (SQLite) and ONNX Runtime for real."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from dicom_router import LABELS
-from dicom_router.calibration import fit_temperature
+from dicom_router.calibration import fit_temperature, nll
 from dicom_router.candidates import (
     MemberScores,
     Variant,
@@ -37,7 +38,14 @@ from dicom_router.novelty import Novelty, fit_novelty, novelty_of
 from dicom_router.registry import connect
 from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
 from dicom_router.synth import synthesize
-from dicom_router.train import TrainConfig, predict_scores, training_pool
+from dicom_router.train import (
+    TrainConfig,
+    TrainResult,
+    _follow,
+    predict_scores,
+    train_candidate,
+    training_pool,
+)
 from tests.conftest import run_cli
 
 
@@ -393,3 +401,52 @@ def test_cross_fitted_calibration_never_fits_a_fold_on_its_own_labels() -> None:
         )
         assert temperatures[k] == pytest.approx(expected)
     assert temperatures[2] < temperatures[0]  # fitted without the guessing fold: sharper
+
+
+COUNTER = "backbone.bn1.num_batches_tracked"
+
+
+def test_the_moving_average_is_a_plain_mean_of_the_first_steps_then_follows_the_newest() -> None:
+    torch.manual_seed(0)
+    nets = [BodyPartNet("resnet18") for _ in range(3)]
+    for i, net in enumerate(nets):
+        net.state_dict()[COUNTER].fill_(i)
+    average = copy.deepcopy(nets[0])
+    for n, net in enumerate(nets, start=1):
+        _follow(average, net, 1.0 / n)
+    states = [net.state_dict() for net in nets]
+    mean = {k: sum(s[k] for s in states) / 3 for k, v in states[0].items() if v.is_floating_point()}
+    for name, value in mean.items():
+        torch.testing.assert_close(average.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    assert int(average.state_dict()[COUNTER]) == 2  # counters are the newest net's
+    _follow(average, nets[0], 0.25)
+    torch.testing.assert_close(average.head.weight, 0.75 * mean["head.weight"] + 0.25 * nets[0].head.weight)
+
+
+def test_averaging_validates_and_keeps_the_averaged_net_and_leaves_training_itself_alone(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(LABELS)), 8)
+    images = CachedImages(
+        [f"k{i}" for i in range(len(labels))],
+        (labels[:, None, None] * 800 + rng.random((len(labels), 32, 32)) * 400).astype(np.uint16),
+        labels.astype(np.int64),
+        np.zeros((len(labels), len(METADATA_FEATURES)), np.float32),
+    )
+    # one step an epoch; the first epoch trains the head alone and is never averaged nor kept
+    config = TrainConfig(arch="resnet18", epochs=3, image_size=32, batch_size=40, warmup_epochs=1, patience=9)
+
+    def train(average_epochs: float) -> TrainResult:
+        update = {"average_epochs": average_epochs}
+        return train_candidate(
+            config.model_copy(update=update), images, images, tmp_path / "c.pt", progress=False
+        )
+
+    plain, averaged = train(0.0), train(5.0)
+    assert [e["train_loss"] for e in averaged.history] == [e["train_loss"] for e in plain.history]
+    assert averaged.history[1] == plain.history[1]  # the mean of one fine-tuned step is that step
+    assert averaged.history[2]["val_nll"] != plain.history[2]["val_nll"]  # the mean of two is not
+    scores, _ = predict_scores(averaged.net, images)
+    kept = averaged.history[averaged.best_epoch - 1]["val_nll"]
+    assert nll(scores, labels, 1.0) == pytest.approx(kept, rel=1e-5)  # what was validated is kept

@@ -87,7 +87,7 @@ def test_a_pretrained_candidate_records_its_weights_in_mlflow_and_the_card(
     result = run_cli(
         "train", "--data", str(data), "--arch", "mobilenetv2_100", "--pretrained", "--epochs", "2",
         "--warmup-epochs", "1", "--frozen-stages", "2", "--backbone-lr-scale", "0.1", "--views",
-        "--image-size", "48", "--register", "--json",
+        "--average-epochs", "1.5", "--image-size", "48", "--register", "--json",
         env={"DICOM_ROUTER_WEIGHTS_DIR": str(weights_dir)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,6 +96,7 @@ def test_a_pretrained_candidate_records_its_weights_in_mlflow_and_the_card(
     run = connect(settings).get_run(row["run_id"])
     assert run.data.params["init_source"] == f"file:{file}"
     assert run.data.params["init_sha256"] == _sha256(file)
+    assert run.data.params["average_epochs"] == "1.5"
     card = load_bundle(settings, "models:/bodypart-router/1").card
     assert card["init_source"] == f"file:{file}" and card["init_sha256"] == _sha256(file)
     assert card["temperature"] > 0 and card["tta"] is False

@@ -290,6 +290,13 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
     help="Leading backbone parameter groups (stem, stages) kept frozen",
 )
 @click.option("--views", is_flag=True, help="Augmentation mimicking other sites and views")
+@click.option(
+    "--average-epochs",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Keep a moving average of the fine-tuned weights over about this many epochs (0: off)",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Split, sampling and weight seed")
 @click.option(
     "--patience", type=click.IntRange(min=1), default=8, show_default=True, help="Early-stopping epochs"
@@ -345,6 +352,7 @@ def train(
     warmup_epochs: int,
     frozen_stages: int,
     views: bool,
+    average_epochs: float,
     seed: int,
     patience: int,
     fusion: bool,
@@ -385,6 +393,7 @@ def train(
         "warmup_epochs": warmup_epochs,
         "frozen_stages": frozen_stages,
         "views": views,
+        "average_epochs": average_epochs,
         "seed": seed,
         "patience": patience,
         "pretrained": pretrained or init_weights is not None,
