@@ -141,11 +141,12 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert all("at" in h for h in history)
 
 
-def _cached(labels: list[int], prefix: str) -> CachedImages:
+def _cached(labels: list[int], prefix: str = "k", images: np.ndarray | None = None) -> CachedImages:
+    """Cached images with these labels (8-px zeros unless given) and no metadata."""
     n = len(labels)
     return CachedImages(
         [f"{prefix}{i}" for i in range(n)],
-        np.zeros((n, 8, 8), np.uint16),
+        np.zeros((n, 8, 8), np.uint16) if images is None else images,
         np.array(labels, np.int64),
         np.zeros((n, len(METADATA_FEATURES)), np.float32),
     )
@@ -308,12 +309,7 @@ def test_member_scores_from_two_passes_equal_what_the_exported_scorers_compute()
     torch.manual_seed(0)
     nets = [BodyPartNet("resnet18").eval(), BodyPartNet("mobilenetv2_100").eval()]
     rng = np.random.default_rng(1)
-    cached = CachedImages(
-        [f"k{i}" for i in range(5)],
-        rng.integers(0, 65535, (5, 32, 32), dtype=np.uint16),
-        np.zeros(5, np.int64),
-        np.zeros((5, len(METADATA_FEATURES)), np.float32),
-    )
+    cached = _cached([0] * 5, images=rng.integers(0, 65535, (5, 32, 32), dtype=np.uint16))
     members = [MemberScores.of(net, cached) for net in nets]
     for flip in (False, True):
         expected, expected_embedding = predict_scores(Scorer(nets, flip=flip), cached)
@@ -428,12 +424,8 @@ def test_averaging_validates_and_keeps_the_averaged_net_and_leaves_training_itse
 ) -> None:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(len(LABELS)), 8)
-    images = CachedImages(
-        [f"k{i}" for i in range(len(labels))],
-        (labels[:, None, None] * 800 + rng.random((len(labels), 32, 32)) * 400).astype(np.uint16),
-        labels.astype(np.int64),
-        np.zeros((len(labels), len(METADATA_FEATURES)), np.float32),
-    )
+    brightness = labels[:, None, None] * 800 + rng.random((len(labels), 32, 32)) * 400
+    images = _cached(labels.tolist(), images=brightness.astype(np.uint16))
     # one step an epoch; the first epoch trains the head alone and is never averaged nor kept
     config = TrainConfig(arch="resnet18", epochs=3, image_size=32, batch_size=40, warmup_epochs=1, patience=9)
 
