@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from dicom_router import __version__
+from dicom_router.config import Settings
 from tests.conftest import run_cli
 from tests.dicom_factory import dicom_dataset
 
@@ -92,9 +93,11 @@ def test_ingest_writes_catalog_and_qa_and_exits_2_on_bad_objects(tmp_path: Path)
     assert dest.is_file() and Path(f"{dest}.qa.json").is_file()
 
 
-@pytest.mark.usefixtures("settings")
 @pytest.mark.timeout(1800)  # the whole main job, fine-tuning included, on a possibly busy 2-core machine
-def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
+def test_demo_runs_end_to_end_in_a_deployment_of_its_own_and_prints_the_catalog_summary(
+    settings: Settings,
+) -> None:
+    own = {"DICOM_ROUTER_DATA_DIR": str(settings.data_dir / "demo")}
     try:
         result = run_cli("demo", timeout=1700)
         assert result.returncode == 0, result.stderr
@@ -105,8 +108,11 @@ def test_demo_runs_end_to_end_and_prints_the_catalog_summary() -> None:
         assert "adult_chest" in result.stdout
         assert "8/10 review: " in result.stdout and "now in shadow" in result.stdout
         assert "10/10 " in result.stdout  # the gate, and a person's approval when it passed
+        # nothing of the user's deployment (registry, bucket, key, servers) was made or touched
+        assert sorted(p.name for p in settings.data_dir.iterdir()) == ["demo"]
+        assert (settings.data_dir / "demo" / "mlflow").is_dir()
     finally:
-        run_cli("stack", "down")
+        run_cli("stack", "down", env=own)
 
 
 def test_version_prints_the_release() -> None:

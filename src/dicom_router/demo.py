@@ -1,7 +1,8 @@
 """``dicom-router demo``: the main job end to end on the embedded default, one stage after another.
 
 Each stage is the same library call the CLI verbs make; the demo only chains them and says what
-happened, so a person can re-run any stage by hand on the objects it leaves in the bucket.
+happened, so a person can re-run any stage by hand on the objects it leaves in the bucket (with
+``DICOM_ROUTER_DATA_DIR`` set to the demo's own data directory).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def demo_rules(settings: Settings, destination_port: int) -> Path:
         name: destination.model_copy(update={"port": destination_port})
         for name, destination in rules.destinations.items()
     }
-    path = settings.data_dir / "demo" / "routing-rules.yaml"
+    path = settings.data_dir / "routing-rules.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(rules.model_copy(update={"destinations": moved}).model_dump(mode="json")))
     return path
@@ -122,7 +123,7 @@ def new_hospital(settings: Settings, console: Console, catalog: str) -> list[Pat
 
     started = datetime.now(UTC)
     seed = int(started.timestamp())  # new instances on every run, so a second demo has traffic too
-    traffic = settings.data_dir / "demo" / f"week2-{seed}"
+    traffic = settings.data_dir / f"week2-{seed}"
     known = synth.synthesize(
         traffic / "known", DEMO_WEEK, sites=DEMO_SITES, seed=seed, long_side_px=DEMO_LONG_SIDE
     )
@@ -235,7 +236,7 @@ def review_loop(settings: Settings, console: Console, training: Path, sent: list
         "challenger): it answers every instance beside the champion and routes nothing"
     )
     started = datetime.now(UTC)
-    folder = settings.data_dir / "demo" / f"week3-{int(started.timestamp())}"
+    folder = settings.data_dir / f"week3-{int(started.timestamp())}"
     week = synth.synthesize(
         folder, DEMO_ROUTED, sites=DEMO_SITES, seed=int(started.timestamp()) + 3, long_side_px=DEMO_LONG_SIDE
     )
@@ -257,7 +258,7 @@ def review_loop(settings: Settings, console: Console, training: Path, sent: list
     page = write_report(
         document,
         lambda _: None,
-        settings.data_dir / "demo" / "compare.html",
+        settings.data_dir / "compare.html",
         max_pixels=settings.max_image_pixels,
     )
     overall = document["overall"]
@@ -287,11 +288,23 @@ def wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's own deployment under ``DATA_DIR/demo``: a registry, bucket, key and servers of its own, so
+    it can be re-run at will and never trains against, shadows or replaces a hospital's champion (such as
+    the one ``make train-real`` promotes)."""
+    return settings.model_copy(update={"data_dir": settings.data_dir / "demo"})
+
+
 def run_demo(settings: Settings, console: Console) -> int:
+    settings = demo_settings(settings)
     endpoint = stack.s3_up(settings)
     mlflow_url = stack.mlflow_up(settings)
-    console.print(f"[bold]1/10[/] local S3 (rclone) at {endpoint}; MLflow UI at {mlflow_url}")
-    local = settings.data_dir / "demo" / "synth"
+    console.print(
+        f"[bold]1/10[/] the demo's own deployment in {settings.data_dir}: local S3 (rclone) at {endpoint}; "
+        f"MLflow UI at {mlflow_url}",
+        highlight=False,
+    )
+    local = settings.data_dir / "synth"
     records = synth.synthesize(
         local, DEMO_IMAGES, sites=DEMO_SITES, seed=7, long_side_px=DEMO_LONG_SIDE, progress=True
     )
@@ -304,7 +317,7 @@ def run_demo(settings: Settings, console: Console) -> int:
         f"[bold]2/10[/] {len(records)} synthetic X-rays from {DEMO_SITES} sites → {raw} ({uploaded} objects)"
     )
     catalog = f"s3://{settings.s3_bucket}/demo/catalog.parquet"
-    log_file = settings.data_dir / "demo" / "pipeline.log"
+    log_file = settings.data_dir / "pipeline.log"
     console.print(f"[bold]3-5/10[/] training pipeline, run locally with kfp.local (task logs: {log_file})")
     run = run_local(
         "training",
@@ -326,7 +339,7 @@ def run_demo(settings: Settings, console: Console) -> int:
     console.print(f"[bold]3/10[/] de-identified catalog, ingested in {shards} parallel shards")
     console.print(summary_table(result))
     document = archive_report(open_archive(catalog, settings), settings)
-    page = write_report(document, settings.data_dir / "demo" / "report")
+    page = write_report(document, settings.data_dir / "report")
     for line in summary(document):
         console.print(f"      {line}", highlight=False)
     console.print(f"      archive report (hierarchy, population, acquisition, quality, PHI audit): {page}")
@@ -342,7 +355,7 @@ def run_demo(settings: Settings, console: Console) -> int:
     steps = ", ".join(f"{t.task.rpartition('/')[2]} {t.seconds:.0f}s" for t in run.tasks)
     console.print(f"      pipeline {run.wall_s:.0f} s: {steps}; artifacts under {run.run_dir}")
 
-    unseen = settings.data_dir / "demo" / "unseen"
+    unseen = settings.data_dir / "unseen"
     synth.synthesize(unseen, DEMO_ROUTED, sites=DEMO_SITES, seed=99, long_side_px=DEMO_LONG_SIDE)
     sources = [("synthetic (unseen)", unseen)]
     if (settings.shared_dir / "xray-real" / "labels.csv").is_file():
@@ -351,6 +364,8 @@ def run_demo(settings: Settings, console: Console) -> int:
     week_two = new_hospital(settings, console, catalog)
     review_loop(settings, console, local, [folder for _, folder in sources] + week_two)
     console.print(
-        f"MLflow UI: {mlflow_url} · the stack keeps running; stop it with `dicom-router stack down`."
+        f"MLflow UI: {mlflow_url} · the demo's stack keeps running in its own data directory; stop it "
+        f"with `DICOM_ROUTER_DATA_DIR={settings.data_dir} dicom-router stack down`.",
+        highlight=False,
     )
     return 2 if result.errors else 0
