@@ -58,7 +58,7 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     ),
     "fine-tune-mobilenetv2-8-epochs": (("mobilenetv2_100",), "fine-tune", {"epochs": 8}),
     "fine-tune-mobilenetv2-20-epochs": (("mobilenetv2_100",), "fine-tune", {"epochs": 20, "patience": 8}),
-    "fine-tune-mobilenetv2-unaveraged": (("mobilenetv2_100",), "fine-tune", {"average_epochs": 0.0}),
+    "fine-tune-mobilenetv2-averaged": (("mobilenetv2_100",), "fine-tune", {"average_epochs": 3.0}),
     "fine-tune-mobilenetv2-mix-variety": (
         ("mobilenetv2_100",),
         "fine-tune",
