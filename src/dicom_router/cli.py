@@ -1149,7 +1149,11 @@ def pipeline_compile(name: str | None) -> int:
 @click.argument("name")
 @click.option("--local", "run_here", is_flag=True, help="Run on this machine (kfp.local, embedded stack)")
 @click.option("--host", help="Kubeflow Pipelines endpoint (without --local; default DICOM_ROUTER_KFP_HOST)")
-@click.option("--prefix", help="DICOM objects, s3://bucket/prefix [default: s3://<bucket>/demo/raw]")
+@click.option(
+    "--prefix",
+    help="DICOM objects, s3://bucket/prefix [default: s3://<bucket>/demo/raw, where the demo puts its "
+    "images in its own deployment, DICOM_ROUTER_DATA_DIR=DATA_DIR/demo]",
+)
 @click.option("--labels", help="labels.csv [default: PREFIX/labels.csv]")
 @click.option("--reviewed", help="Reviewers' labels: the labels.csv of a review export under PREFIX")
 @click.option("--catalog", help="Also write the merged catalog here (local path or s3://)")
