@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,26 @@ def test_instances_the_queue_never_saw_are_found_in_orthancs_change_log(
     assert queue.counts() == {"done": 5}
     orthanc = stack.orthanc_client(settings)
     assert all("RoutedTo" in orthanc.metadata("instances", i) for i in orthanc.instances())
+
+
+def test_orthanc_hands_the_router_each_instance_file_as_stored_without_gzip(
+    settings: Settings, tmp_path: Path
+) -> None:
+    stack.orthanc_up(settings)
+    try:
+        synthesize(tmp_path / "in", 1, seed=6, long_side_px=64)
+        send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
+        orthanc = stack.orthanc_client(settings)
+        (instance_id,) = orthanc.instances()
+        response = orthanc.http.get(
+            f"{orthanc.url}/instances/{instance_id}/file", headers={"Accept-Encoding": "gzip"}
+        )
+        assert response.status_code == 200
+        assert "content-encoding" not in response.headers  # gzip on loopback only burns CPU
+        sent = pydicom.dcmread(next((tmp_path / "in").rglob("*.dcm")))
+        assert pydicom.dcmread(BytesIO(response.content)).SOPInstanceUID == sent.SOPInstanceUID
+    finally:
+        stack.down(settings)
 
 
 @pytest.mark.usefixtures("settings")
