@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pydicom
 import torch
 import yaml
@@ -91,6 +92,24 @@ def hook_overhead(source: Path, work: Path, rounds: int) -> None:
         stack.Process(name, settings).stop()
 
 
+CHAIN = ("orthanc", "router", "model_server", "destination")
+"""The chain's servers, whose CPU time the routed benchmark divides among the instances."""
+
+
+def cpu_seconds(settings: Settings) -> dict[str, float]:
+    """User + system CPU seconds each of the chain's servers (with its child processes) has used so far."""
+    used: dict[str, float] = {}
+    for name in CHAIN:
+        pid = stack.Process(name, settings).pid()
+        if pid is None:
+            continue
+        parent = psutil.Process(pid)
+        used[name] = sum(
+            sum(p.cpu_times()[:2]) for p in (parent, *parent.children(recursive=True)) if p.is_running()
+        )
+    return used
+
+
 def routed_latency(settings: Settings, source: Path, work: Path, title: str = "") -> dict[str, float]:
     work.mkdir(parents=True, exist_ok=True)
     destination = stack.destination_up(settings, name="destination", aet="DEST")
@@ -113,6 +132,7 @@ def routed_latency(settings: Settings, source: Path, work: Path, title: str = ""
     folder = fresh_copy(source, work / "routed")
     n = len(list(folder.rglob("*.dcm")))
     port = stack.orthanc_status(settings)["dicom_port"]
+    cpu_before = cpu_seconds(settings)
     dcmsend(
         folder,
         port=port,
@@ -122,6 +142,7 @@ def routed_latency(settings: Settings, source: Path, work: Path, title: str = ""
     deadline = time.monotonic() + 900
     while queue.counts().get("done", 0) < already + n and time.monotonic() < deadline:
         time.sleep(0.2)
+    cpu_after = cpu_seconds(settings)
     rows = (
         sqlite3.connect(settings.routing_queue)
         .execute("SELECT enqueued_at, done_at FROM queue WHERE state = 'done' ORDER BY enqueued_at")
@@ -132,6 +153,12 @@ def routed_latency(settings: Settings, source: Path, work: Path, title: str = ""
     print(f"\n2. ingest → routed{title} (hook enqueue to confirmed delivery), {n} instances in one dcmsend")
     print(f"   latency p50 {np.percentile(latencies, 50):.2f} s, p99 {np.percentile(latencies, 99):.2f} s")
     print(f"   sustained throughput {n / span:.1f} instances/s ({span:.1f} s for {n})")
+    per_instance = {name: 1000 * (cpu_after[name] - cpu_before[name]) / n for name in cpu_after}
+    print(
+        "   CPU per instance: "
+        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in per_instance.items())
+        + f" (all {sum(per_instance.values()):.1f} ms; {os.cpu_count()} cores)"
+    )
     single = []
     for i, path in enumerate(sorted(folder.rglob("*.dcm"))[:10]):
         one = fresh_copy(path.parent, work / f"one{i}", only=path.name)

@@ -368,6 +368,7 @@ def test_equalisation_spreads_grey_levels_and_keeps_padding_black() -> None:
     rng = np.random.default_rng(0)
     image = (rng.random((64, 64)) * 0.2 + 0.4).astype(np.float32)  # a washed-out, low-contrast image
     image[:8] = 0.0  # padding
+    image[8, :4] = [1.0, 1e-4, 1.0 / 1024, 0.5]  # the grid's ends and an edge
     out = equalize(image)
     assert (out[:8] == 0).all()
     inside = out[8:]
@@ -380,6 +381,8 @@ def test_equalisation_spreads_grey_levels_and_keeps_padding_black() -> None:
     cdf = np.cumsum(counts) / counts.sum()
     textbook = np.where(image > 0, np.interp(image, edges[1:], cdf), 0.0)
     np.testing.assert_allclose(out, textbook, atol=1e-6)
+    black = np.zeros((8, 8), dtype=np.float32)
+    assert (equalize(black) == 0).all()
 
 
 def test_cross_fitted_calibration_never_fits_a_fold_on_its_own_labels() -> None:

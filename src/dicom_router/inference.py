@@ -72,19 +72,30 @@ def equalize(pixels: npt.NDArray[np.float32], bins: int = 1024) -> npt.NDArray[n
     """Map grey levels through their cumulative histogram (pure black, i.e. padding, stays black).
 
     The grid is uniform, so bins and interpolation positions are computed directly (what
-    ``np.histogram`` + ``np.interp`` give, to float32 rounding, in well under their time)."""
-    inside = pixels > 0.0
-    if not inside.any():
-        return pixels
+    ``np.histogram`` + ``np.interp`` give, to float32 rounding), in place on two full-size arrays: it
+    runs on every routed instance, at the decoded size."""
     scaled = pixels * np.float32(bins)
-    counts = np.bincount(np.minimum(scaled.astype(np.int32), bins - 1)[inside], minlength=bins)
+    index = scaled.astype(np.int32)  # pixels are in [0, 1]: truncation is the floor
+    np.minimum(index, bins - 1, out=index)
+    counts = np.bincount(index.ravel(), minlength=bins)
+    black = pixels.size - int(np.count_nonzero(pixels))
+    if black == pixels.size:
+        return pixels
+    counts[0] -= black  # padding is not part of the image's histogram
     cdf = np.cumsum(counts, dtype=np.float64)
     cdf = (cdf / cdf[-1]).astype(np.float32)
-    position = scaled - np.float32(1.0)  # cdf[k] belongs to the upper edge (k + 1) / bins
-    k = np.clip(np.floor(position).astype(np.int32), 0, bins - 2)
-    fraction = np.clip(position - k, 0.0, 1.0)
-    out: npt.NDArray[np.float32] = (cdf[k] + fraction * (cdf[k + 1] - cdf[k])).astype(np.float32)
-    out[~inside] = 0.0
+    # cdf[k] belongs to the upper edge (k + 1) / bins: interpolate between edges k and k + 1 at
+    # position scaled - 1, i.e. k = clip(index - 1) and the rest of the position as the fraction.
+    index -= 1
+    np.clip(index, 0, bins - 2, out=index)
+    scaled -= np.float32(1.0)
+    scaled -= index
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    out: npt.NDArray[np.float32] = np.diff(cdf)[index]
+    out *= scaled
+    out += cdf[index]
+    if black:
+        out[pixels == 0.0] = 0.0
     return out
 
 
