@@ -97,16 +97,20 @@ CHAIN = ("orthanc", "router", "model_server", "destination")
 
 
 def cpu_seconds(settings: Settings) -> dict[str, float]:
-    """User + system CPU seconds each of the chain's servers (with its child processes) has used so far."""
+    """User + system CPU seconds each of the chain's servers has used so far, with its child processes
+    (those alive, and those it has reaped: ``children_user`` and ``children_system``)."""
     used: dict[str, float] = {}
     for name in CHAIN:
         pid = stack.Process(name, settings).pid()
         if pid is None:
             continue
         parent = psutil.Process(pid)
-        used[name] = sum(
-            sum(p.cpu_times()[:2]) for p in (parent, *parent.children(recursive=True)) if p.is_running()
-        )
+        used[name] = 0.0
+        for process in (parent, *parent.children(recursive=True)):
+            try:
+                used[name] += sum(process.cpu_times()[:4])
+            except psutil.NoSuchProcess:  # ended since it was listed: its parent counts it once reaped
+                continue
     return used
 
 
