@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,24 @@ def test_the_key_is_generated_once_and_kept_private(settings: Settings) -> None:
     path = settings.secrets_dir / "deid.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_key(settings) == first and len(first) == 64
+
+
+def test_workers_that_start_together_all_get_the_one_key_that_is_kept(tmp_path: Path) -> None:
+    """A pipeline's parallel ingest shards create the key at the same moment: none may fail, read a
+    half-written file or go on with a key of its own."""
+    for trial in range(20):
+        settings = Settings(data_dir=tmp_path / str(trial))
+        start = threading.Barrier(8)
+
+        def first_use(_: int, settings: Settings = settings, start: threading.Barrier = start) -> bytes:
+            start.wait()
+            return load_key(settings)
+
+        with ThreadPoolExecutor(8) as pool:
+            keys = set(pool.map(first_use, range(8)))
+        kept = (settings.secrets_dir / "deid.key").read_text().strip().encode()
+        assert keys == {kept} and len(kept) == 64
+        assert [p.name for p in settings.secrets_dir.iterdir()] == ["deid.key"]  # nothing left aside
 
 
 def test_a_key_from_the_environment_wins(settings: Settings) -> None:

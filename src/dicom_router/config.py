@@ -6,8 +6,11 @@ or at a remote MLflow, is a matter of setting variables, never of editing code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -235,6 +238,25 @@ class Settings(BaseSettings):
     def secrets_dir(self) -> Path:
         """Generated credentials and keys (mode 0700); back it up with the deployment."""
         return self.data_dir / "secrets"
+
+    def stored_secret(self, name: str, make: Callable[[], str]) -> str:
+        """``secrets_dir/name`` (mode 0600), written with ``make()`` by its first use.
+
+        Processes that start together (a pipeline's parallel ingest shards, the stack's servers) must
+        agree: the value is written aside and hard-linked into place, which fails when the file exists,
+        so a reader never sees it half written and every process reads the first writer's value."""
+        path = self.secrets_dir / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, aside = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")  # mode 0600
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(make())
+                with contextlib.suppress(FileExistsError):  # another process was first: its value stands
+                    os.link(aside, path)
+            finally:
+                Path(aside).unlink()
+        return path.read_text()
 
     @property
     def inference_log(self) -> str:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import re
 import secrets
 from collections.abc import MutableSequence
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -32,17 +30,7 @@ def load_key(settings: Settings) -> bytes:
     """The deployment's pseudonym key: from settings, else generated once and kept in ``secrets_dir``."""
     if settings.deid_key is not None:
         return settings.deid_key.get_secret_value().encode()
-    path = settings.secrets_dir / "deid.key"
-    if not path.is_file():
-        _write_secret(path, secrets.token_hex(32))
-    return path.read_text().strip().encode()
-
-
-def _write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    return settings.stored_secret("deid.key", lambda: secrets.token_hex(32) + "\n").strip().encode()
 
 
 def pseudonym(key: bytes, kind: str, *parts: str) -> str:
