@@ -72,8 +72,9 @@ def equalize(pixels: npt.NDArray[np.float32], bins: int = 1024) -> npt.NDArray[n
     """Map grey levels through their cumulative histogram (pure black, i.e. padding, stays black).
 
     The grid is uniform, so bins and interpolation positions are computed directly (what
-    ``np.histogram`` + ``np.interp`` give, to float32 rounding), in place on two full-size arrays: it
-    runs on every routed instance, at the decoded size."""
+    ``np.histogram`` + ``np.interp`` give, to float32 rounding), reusing the scaled image and its bin
+    indices in place instead of making a dozen temporaries: it runs on every routed instance, at the
+    decoded size."""
     scaled = pixels * np.float32(bins)
     index = scaled.astype(np.int32)  # pixels are in [0, 1]: truncation is the floor
     np.minimum(index, bins - 1, out=index)
