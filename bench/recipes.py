@@ -77,6 +77,13 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     "fine-tune-lite2": (("tf_efficientnet_lite2",), "fine-tune", {}),
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
     "fine-tune-mobilenetv2-224": (("mobilenetv2_100",), "fine-tune", {"image_size": 224}),  # the former
+    # what ImageNet adds: the recipe's size, views and equalisation from random weights, trained longer
+    "scratch-mobilenetv2": (
+        ("mobilenetv2_100",),
+        "scratch",
+        {"image_size": 288, "epochs": 20, "patience": 8, "views": True, "equalize": True},
+    ),
+    "fine-tune-mobilenetv2-light-augment": (("mobilenetv2_100",), "fine-tune", {"views": False}),
 }
 """name → (architectures, library recipe, overrides)."""
 REVIEW = Review()
