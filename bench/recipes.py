@@ -83,7 +83,6 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         "scratch",
         {"image_size": 288, "epochs": 20, "patience": 8, "views": True, "equalize": True},
     ),
-    "fine-tune-mobilenetv2-light-augment": (("mobilenetv2_100",), "fine-tune", {"views": False}),
 }
 """name → (architectures, library recipe, overrides)."""
 REVIEW = Review()
