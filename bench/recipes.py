@@ -76,6 +76,7 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     ),
     "fine-tune-lite2": (("tf_efficientnet_lite2",), "fine-tune", {}),
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
+    "fine-tune-mobilenetv2-v1": (("mobilenetv2_100", "mobilenetv1_100"), "fine-tune", {}),
     "fine-tune-mobilenetv2-224": (("mobilenetv2_100",), "fine-tune", {"image_size": 224}),  # the former
     # what ImageNet adds: the recipe's size, views and equalisation from random weights, trained longer
     "scratch-mobilenetv2": (
