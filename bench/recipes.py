@@ -74,6 +74,7 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         "fine-tune",
         {"frozen_stages": 4, "backbone_lr_scale": 0.1},
     ),
+    "fine-tune-lite1": (("tf_efficientnet_lite1",), "fine-tune", {}),
     "fine-tune-lite2": (("tf_efficientnet_lite2",), "fine-tune", {}),
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
     "fine-tune-mobilenetv2-v1": (("mobilenetv2_100", "mobilenetv1_100"), "fine-tune", {}),
