@@ -76,6 +76,8 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     ),
     "fine-tune-lite1": (("tf_efficientnet_lite1",), "fine-tune", {}),
     "fine-tune-lite2": (("tf_efficientnet_lite2",), "fine-tune", {}),
+    # one run, paired on the same folds: each member alone and the two in one graph
+    "fine-tune-mobilenetv2-lite2": (("mobilenetv2_100", "tf_efficientnet_lite2"), "fine-tune", {}),
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
     "fine-tune-mobilenetv2-v1": (("mobilenetv2_100", "mobilenetv1_100"), "fine-tune", {}),
     "fine-tune-mobilenetv2-224": (("mobilenetv2_100",), "fine-tune", {"image_size": 224}),  # the former
