@@ -27,6 +27,8 @@ from pydicom.uid import CTImageStorage, generate_uid
 
 from dicom_router import stack
 from dicom_router.config import Settings
+from dicom_router.dicom.errors import DicomInputError
+from dicom_router.inference import Bundle
 from dicom_router.orthanc.config import USER_METADATA
 from dicom_router.orthanc.send import SendError
 from dicom_router.routing.queue import RoutingQueue
@@ -43,6 +45,7 @@ from tests.conftest import (
     send,
     storescp,
     unfamiliar_dicom,
+    untrained_bundle,
     wait_until,
 )
 from tests.dicom_factory import dicom_dataset
@@ -342,6 +345,58 @@ def test_the_router_sends_a_view_unlike_the_training_images_to_review_and_orthan
         timeout=30,
     )
     assert v1.json()["predictions"][0]["novelty"] == pytest.approx(novelty[odd], rel=1e-3)
+
+
+def test_by_default_the_router_holds_each_prediction_to_its_models_own_review_threshold(
+    routed_stack: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack.Process("model_server", routed_stack).stop()
+    synthesize(tmp_path / "in", 12, sites=2, seed=11, long_side_px=64)
+    files = sorted((tmp_path / "in").rglob("*.dcm"))
+    bundle = untrained_bundle(tmp_path / "bundle")
+    results, _ = Bundle(bundle).predict_items([(str(p), p.read_bytes()) for p in files], max_pixels=10**8)
+    confidences = sorted(r.confidence for r in results if not isinstance(r, DicomInputError))
+    # as if cross-validation had chosen it: in the widest gap between the middle confidences, so the
+    # server's answers (the same ONNX graph) fall on the same sides
+    split = max(range(3, 8), key=lambda i: confidences[i + 1] - confidences[i])
+    threshold = (confidences[split] + confidences[split + 1]) / 2
+    card = json.loads((bundle / "card.json").read_text())
+    (bundle / "card.json").write_text(json.dumps({**card, "review_threshold": threshold}))
+    document = rules_for(stack.orthanc_status(routed_stack, "destination")["dicom_port"])
+    document["review"] = {"destination": "review-station"}  # below_confidence: the default, the model's
+    settings = configure(monkeypatch, tmp_path / "rules.yaml", document, model_uri=str(bundle))
+    server = stack.model_server_up(settings)
+    stack.router_up(settings)
+    send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
+    queue = RoutingQueue(settings.routing_queue)
+    wait_until(lambda: queue.counts() == {"done": 12}, 180, "12 instances routed")
+
+    orthanc = stack.orthanc_client(settings)
+    items = [queue.get(i) for i in orthanc.instances()]
+    rules_hit: Counter[str] = Counter()
+    for item in items:
+        assert item is not None and item.confidence is not None
+        assert item.review_threshold == pytest.approx(threshold)  # the server answered the card's
+        held = item.confidence < threshold
+        assert (item.rule == "low-confidence") == held == (item.routed_to == "review")
+        rules_hit[str(item.rule)] += 1
+    assert 0 < rules_hit["low-confidence"] < 12  # some below the model's threshold, some above
+    dry = run_cli("route", "--dry-run", str(tmp_path / "in"), "--model", str(bundle), "--json")
+    assert dry.returncode == 0, dry.stderr
+    records = json.loads(dry.stdout)
+    assert Counter(r["rule"] for r in records) == rules_hit  # the dry run decides as the router did
+    assert all(r["review_threshold"] == pytest.approx(threshold) for r in records)
+    plain = run_cli("route", "--dry-run", str(tmp_path / "in"), "--model", str(bundle))
+    assert (
+        plain.stdout.count(f"rule low-confidence (below {threshold:.3f}) → review")
+        == rules_hit["low-confidence"]
+    )
+    v1 = httpx.post(
+        f"{server}/v1/models/bodypart-router:predict",
+        json={"instances": [{"b64": base64.b64encode(files[0].read_bytes()).decode()}]},
+        timeout=30,
+    )
+    assert v1.json()["predictions"][0]["review_threshold"] == pytest.approx(threshold)
 
 
 def _counting_destination(

@@ -39,8 +39,11 @@ def subject(
     study_conflict: bool = False,
     error: str | None = None,
     novelty: float | None = None,
+    review_threshold: float | None = None,
 ) -> Subject:
-    return Subject(body_part, confidence, tags or {}, calling_aet, study_conflict, error, novelty)
+    return Subject(
+        body_part, confidence, tags or {}, calling_aet, study_conflict, error, novelty, review_threshold
+    )
 
 
 def load_error(text: str, tmp_path: Path) -> str:
@@ -86,6 +89,28 @@ def test_low_confidence_goes_to_review_before_any_rule_but_unrouted_does_not() -
     assert decide(routing, subject("adult_chest", 0.6)).rule == "chest-rule"  # the threshold is exclusive
     assert decide(routing, subject("adult_chest", None)).rule == "low-confidence"
     assert decide(routing, subject("unrouted", None)).rule == "catch-all"
+
+
+def test_by_default_each_prediction_is_held_to_its_own_models_review_threshold() -> None:
+    routing = rules(CHEST_THEN_ANY)  # no below_confidence: the model's own
+    assert routing.review.below_confidence == "model"
+    assert decide(routing, subject("adult_chest", 0.9, review_threshold=0.85)).rule == "chest-rule"
+    assert decide(routing, subject("adult_chest", 0.9, review_threshold=0.95)).rule == "low-confidence"
+    assert decide(routing, subject("adult_chest", 0.95, review_threshold=0.95)).rule == "chest-rule"
+    assert decide(routing, subject("adult_chest", 0.96)).rule == "low-confidence"  # none: 0.97
+    assert decide(routing, subject("adult_chest", 0.97)).rule == "chest-rule"
+    assert decide(routing, subject("unrouted", None, review_threshold=0.95)).rule == "catch-all"
+    fixed = rules(CHEST_THEN_ANY, review="destination: station, below_confidence: 0.6")
+    assert decide(fixed, subject("adult_chest", 0.9, review_threshold=0.95)).rule == "chest-rule"
+    assert decide(fixed, subject("adult_chest", 0.59, review_threshold=0.5)).rule == "low-confidence"
+
+
+def test_a_review_threshold_that_is_neither_a_probability_nor_model_is_refused(tmp_path: Path) -> None:
+    for value in ("modle", "1.5", "-0.1"):
+        message = load_error(
+            f"{DESTINATIONS}\nreview: {{below_confidence: {value}}}\ndefault: archive\n", tmp_path
+        )
+        assert "below_confidence" in message
 
 
 def test_an_image_unlike_the_training_images_goes_to_review_however_confident_the_model() -> None:

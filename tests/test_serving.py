@@ -78,10 +78,12 @@ def test_v1_and_v2_dicom_requests_get_labels_probabilities_and_the_version(
         assert p["confidence"] == pytest.approx(max(p["probabilities"].values()))
         assert p["model"] == "bodypart-router" and p["version"] == "local"
         assert p["low_confidence"] is (p["confidence"] < 0.5)
+        assert "review_threshold" not in p  # a model trained without cross-validation brings none
     answer = ModelClient(server).classify(dicoms[0], embedding=True)
     assert answer.label == predictions[0]["label"]
     assert answer.confidence == pytest.approx(predictions[0]["confidence"], abs=1e-6)
     assert answer.embedding is not None and answer.embedding.ndim == 1 and answer.model_version == "local"
+    assert answer.review_threshold is None
     assert answer.statistics is not None and 0.0 <= answer.statistics["mean"] <= 1.0  # for the inference log
 
 

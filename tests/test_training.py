@@ -36,7 +36,7 @@ from dicom_router.inference import (
 from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.novelty import Novelty, fit_novelty, novelty_of
 from dicom_router.registry import connect
-from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
+from dicom_router.routing.rules import EXAMPLE_RULES, FALLBACK_BELOW_CONFIDENCE, RoutingRules
 from dicom_router.synth import synthesize
 from dicom_router.train import (
     TrainConfig,
@@ -116,7 +116,9 @@ def test_train_register_promote_predict_and_evaluate(labelled_folder: Path, sett
     assert all(set(item) == {"sop_uid_hash", "label"} for item in bundle.card["test_items"])  # no keys
     assert np.asarray(report["confusion_matrix"]).shape == (5, 5)
     at_rules = report["abstention"]["at_review_threshold"]
-    assert at_rules["threshold"] == RoutingRules.load(EXAMPLE_RULES).review.below_confidence
+    assert RoutingRules.load(EXAMPLE_RULES).review.below_confidence == "model"
+    assert bundle.review_threshold is None  # trained without cross-validation: the rules' fallback
+    assert at_rules["threshold"] == FALLBACK_BELOW_CONFIDENCE
     assert at_rules["auto_routed"] == pytest.approx(at_rules["coverage"] * report["n"])
 
     second = _json(*train, "--fusion", "--seed", "0")

@@ -438,7 +438,8 @@ def train(
             group_by=cv_by,
             folds=folds,
             seed=seed,
-            review_threshold=review.below_confidence,
+            # ``model``: the threshold cross-validation finds is the one the trained model will bring
+            review_threshold=review.fixed_threshold,
             above_novelty=review.above_novelty,
         )
         if not as_json:
@@ -517,7 +518,7 @@ def evaluate(model_uri: str, data_dir: str, split: str, as_json: bool) -> int:
         labelled.source,
         items,
         settings,
-        review_threshold=review.below_confidence,
+        review_threshold=review.confidence_threshold(bundle.review_threshold),
         above_novelty=review.above_novelty,
     )
     for error in report["errors"]:
@@ -545,14 +546,16 @@ def _print_report(title: str, report: dict[str, Any]) -> None:
         unfamiliar = report["abstention"].get("unfamiliar", 0.0)
         if unfamiliar:
             stdout.print(f"  unlike the training images (novelty check): {unfamiliar:.1%} to review")
+        abstention = report["abstention"]
+        rules_99 = abstention["at_review_threshold"]["threshold"] == abstention["threshold_for_target"]
         for key, what in (
-            ("at_review_threshold", "rules' review threshold"),
+            ("at_review_threshold", "rules' review threshold" + (", the 99% one" if rules_99 else "")),
             ("without_novelty_check", "the same without the novelty check"),
             ("at_threshold_for_target", "99%"),
         ):
-            if key not in report["abstention"]:
+            if key not in abstention or (key == "at_threshold_for_target" and rules_99):
                 continue
-            at = report["abstention"][key]
+            at = abstention[key]
             stdout.print(
                 f"  review below {at['threshold']:.3f} ({what}): {at['coverage']:.1%} routed automatically, "
                 f"{at['auto_routed_accuracy']:.2%} of them right ({int(at['misrouted'])} misrouted)"
@@ -857,7 +860,9 @@ def _route_dry_run(
             what = r["error"] or f"{r['body_part']}" + (
                 "" if r["confidence"] is None else f" ({r['confidence']:.3f})"
             )
-            stdout.print(f"{r['file']}: {what} → rule {r['rule']} → {r['routed_to']}", highlight=False)
+            threshold = r["review_threshold"] if r["rule"] == "low-confidence" else None
+            below = "" if threshold is None else f" (below {threshold:.3f})"
+            stdout.print(f"{r['file']}: {what} → rule {r['rule']}{below} → {r['routed_to']}", highlight=False)
             for step in r["rules"]:
                 if step["matched"]:
                     break

@@ -233,6 +233,10 @@ class Bundle:
         self.labels: list[str] = json.loads((path / "labels.json").read_text())
         self.preprocess = PreprocessConfig.model_validate_json((path / "preprocess.json").read_text())
         self.card: dict[str, Any] = json.loads((path / "card.json").read_text())
+        threshold = self.card.get("review_threshold")
+        self.review_threshold: float | None = None if threshold is None else float(threshold)
+        """The confidence that kept auto-routed accuracy at 99% in the training's collection-grouped
+        cross-validation (rules' ``below_confidence: model``); None when it was trained without one."""
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" in available:  # the GPU image: CUDA and cuDNN come as NVIDIA's wheels
             ort.preload_dlls()

@@ -46,7 +46,13 @@ def dry_run(
             if isinstance(result, DicomInputError):
                 subjects[path] = Subject(None, None, tags, error=f"{result.type}: {result.reason}")
             else:
-                subjects[path] = Subject(result.label, result.confidence, tags, novelty=result.novelty)
+                subjects[path] = Subject(
+                    result.label,
+                    result.confidence,
+                    tags,
+                    novelty=result.novelty,
+                    review_threshold=bundle.review_threshold,
+                )
     records = []
     for path, _ in files:
         subject = subjects[path]
@@ -57,6 +63,11 @@ def dry_run(
                 "body_part": subject.body_part,
                 "confidence": subject.confidence,
                 "novelty": subject.novelty,
+                "review_threshold": (
+                    None
+                    if subject.confidence is None
+                    else rules.review.confidence_threshold(subject.review_threshold)
+                ),
                 "error": subject.error,
                 "model": version if subject.confidence is not None else None,
                 "rule": decision.rule,

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS queue (
     scanner_id TEXT,
     margin REAL,
     reviewed_label TEXT,
-    novelty REAL
+    novelty REAL,
+    review_threshold REAL
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS queue_study ON queue (study_id);
@@ -127,6 +128,7 @@ ADDED_COLUMNS = {
     "margin": "REAL",
     "reviewed_label": "TEXT",
     "novelty": "REAL",
+    "review_threshold": "REAL",
 }
 """Columns later releases added: a queue file written by an older router gains them on open."""
 
@@ -153,6 +155,7 @@ COLUMNS = (
     "margin",
     "reviewed_label",
     "novelty",
+    "review_threshold",
 )
 
 
@@ -186,6 +189,8 @@ class Item:
     """A reviewer's label: once set, the instance is routed by it (and no longer by the model)."""
     novelty: float | None = None
     """How unlike the model's training images it is (above the rules' threshold: review)."""
+    review_threshold: float | None = None
+    """The model's own review threshold (the rules' ``below_confidence: model``); None: it has none."""
 
     @property
     def classified(self) -> bool:

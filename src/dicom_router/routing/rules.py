@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +38,12 @@ RESERVED_RULE_NAMES: tuple[str, ...] = ("error", "low-confidence", "unfamiliar",
 """``Decision.rule`` values of the built-in steps; a rule with one of these names would blur the audit."""
 EXAMPLE_RULES = Path(__file__).with_name("rules.example.yaml")
 """The commented example shipped with the package (the demo's default rules)."""
+MODEL_THRESHOLD: Final = "model"
+"""``review.below_confidence: model``: each prediction is held to its own model's review threshold."""
+FALLBACK_BELOW_CONFIDENCE = 0.97
+"""The review threshold for a model that brings none (trained without cross-validation): the highest
+of the thresholds that kept auto-routed accuracy at 99% in three deals of collection-grouped
+cross-validation of the ``make train-real`` model (README, "Training")."""
 
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # DICOM default repertoire, no backslash or controls
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # safe in Orthanc metadata, URLs and file names
@@ -64,6 +70,8 @@ class Subject:
     """``<ErrorType>: <reason>`` when the instance could not be classified."""
     novelty: float | None = None
     """How unlike the model's training images it is (``novelty``); None when the model does not say."""
+    review_threshold: float | None = None
+    """The model's own review threshold (its card's ``review_threshold``); None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -232,15 +240,29 @@ class Review(BaseModel):
 
     destination: str | None = None
     """A destination name; None keeps them in Orthanc only (still marked ``RoutedTo=review``)."""
-    below_confidence: float = Field(default=0.97, ge=0.0, le=1.0)
-    """Predictions below this go to review before any rule is tried (0.97: the highest of the
-    thresholds that kept auto-routed accuracy at 99% in three deals of collection-grouped
-    cross-validation of the ``make train-real`` model, with the novelty check; README, "Training")."""
+    below_confidence: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["model"] = MODEL_THRESHOLD
+    """Predictions below this go to review before any rule is tried. ``model`` (the default): the
+    threshold the model's own collection-grouped cross-validation found to keep auto-routed accuracy at
+    99% (its card's ``review_threshold``, which the server answers with every prediction), so a
+    promotion moves it with the calibration it belongs to; 0.97 for a model without one. A number
+    holds every model to it."""
     above_novelty: float | None = Field(default=1.0, gt=0.0)
     """Images more unlike the training images than this go to review too, however confident the model
     (``novelty``: 1.0 is where the 5% least typical held-out images of the training sources begin);
     null turns the check off. In cross-validation it sent 13–20% of the images of unseen collections
     to review and cut the images misrouted at 0.95 from 5 to 3, 3 to 2 and 4 to 2 (three deals)."""
+
+    @property
+    def fixed_threshold(self) -> float | None:
+        """The threshold every model is held to; None when each brings its own (``model``)."""
+        return None if isinstance(self.below_confidence, str) else self.below_confidence
+
+    def confidence_threshold(self, model_threshold: float | None) -> float:
+        """The confidence below which a prediction of a model with this review threshold (None: it
+        brings none) goes to review."""
+        if self.fixed_threshold is not None:
+            return self.fixed_threshold
+        return FALLBACK_BELOW_CONFIDENCE if model_threshold is None else model_threshold
 
 
 class RoutingRules(BaseModel):
@@ -394,7 +416,10 @@ def decide(rules: RoutingRules, subject: Subject, *, reviewed: bool = False) -> 
     if (
         not reviewed
         and subject.body_part in LABELS
-        and (subject.confidence is None or subject.confidence < rules.review.below_confidence)
+        and (
+            subject.confidence is None
+            or subject.confidence < rules.review.confidence_threshold(subject.review_threshold)
+        )
     ):
         return _review(rules, "low-confidence")
     novelty, limit = subject.novelty, rules.review.above_novelty

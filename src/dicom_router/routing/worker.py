@@ -317,6 +317,7 @@ class Router:
                 body_part=item.body_part,
                 confidence=item.confidence,
                 novelty=item.novelty,
+                review_threshold=item.review_threshold,
                 tags=tags,
                 calling_aet=calling_aet,
                 study_conflict=conflict,
@@ -378,6 +379,7 @@ class Router:
                     "body_part": answer.label,
                     "confidence": answer.confidence,
                     "novelty": answer.novelty,
+                    "review_threshold": answer.review_threshold,
                     "margin": top - runner_up,
                     "model_version": answer.model_version,
                 }

@@ -22,7 +22,15 @@ import numpy as np
 import numpy.typing as npt
 
 from dicom_router.dicom.errors import ERRORS_BY_TYPE, DicomInputError, NotDicom
-from dicom_router.serving.protocol import EXTRA_OUTPUTS, INPUT, MODEL_NAME, NOVELTY, OUTPUTS, SHADOW_OUTPUTS
+from dicom_router.serving.protocol import (
+    EXTRA_OUTPUTS,
+    INPUT,
+    MODEL_NAME,
+    NOVELTY,
+    OUTPUTS,
+    REVIEW_THRESHOLD,
+    SHADOW_OUTPUTS,
+)
 
 
 class ModelUnavailable(RuntimeError):
@@ -43,6 +51,8 @@ class Classification:
     model_version: str
     novelty: float | None = None
     """Above 1.0: unlike the training images; None when the served bundle does not compute it."""
+    review_threshold: float | None = None
+    """The served model's own review threshold; None when it has none."""
     embedding: npt.NDArray[np.float32] | None = None
     statistics: dict[str, float] | None = None
     """The image's grey-level facts from the server's decode (asked for with ``embedding``)."""
@@ -93,7 +103,9 @@ class ModelClient:
             raise ModelFailed(f"{self.url}: HTTP {status}: {response.text[:200]}")
         result = response.json()
         out = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in result["outputs"]}
-        labels = str((result.get("parameters") or {}).get("labels", "")).split(",")
+        parameters = result.get("parameters") or {}
+        labels = str(parameters.get("labels", "")).split(",")
+        threshold = parameters.get(REVIEW_THRESHOLD)
         probabilities = out["probabilities"].reshape(-1)
         label = out["label"].reshape(-1)[0]
         return Classification(
@@ -103,6 +115,7 @@ class ModelClient:
             low_confidence=bool(out["low_confidence"].reshape(-1)[0]),
             model_version=str(result.get("model_version")),
             novelty=float(out[NOVELTY].reshape(-1)[0]) if NOVELTY in out else None,
+            review_threshold=None if threshold is None else float(threshold),
             embedding=out["embedding"].reshape(-1).astype(np.float32) if embedding else None,
             statistics=parse_statistics(out.get("image_statistics")),
             **_shadow(out),

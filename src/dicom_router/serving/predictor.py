@@ -41,7 +41,7 @@ from dicom_router.inference import (
     metadata_vector,
     prepare,
 )
-from dicom_router.serving.protocol import INPUT, MODEL_NAME, NOVELTY
+from dicom_router.serving.protocol import INPUT, MODEL_NAME, NOVELTY, REVIEW_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,11 @@ def v2_inputs(request: InferRequest) -> tuple[list[bytes], npt.NDArray[np.float3
 def metadata_for_tensor(n: int) -> npt.NDArray[np.float32]:
     """Header features are unknown for preprocessed tensors: all-missing rows (fusion models cope)."""
     return np.repeat(metadata_vector({})[None], n, axis=0)
+
+
+def review_threshold(bundle: Bundle) -> dict[str, float]:
+    """The answer's ``review_threshold`` parameter: the served model's own, absent when it has none."""
+    return {} if bundle.review_threshold is None else {REVIEW_THRESHOLD: bundle.review_threshold}
 
 
 def check_images(images: npt.NDArray[np.float32], config: PreprocessConfig) -> npt.NDArray[np.float32]:
@@ -534,6 +539,7 @@ class BodyPartModel(Model):  # type: ignore[misc]
                         "low_confidence": p.confidence < threshold,
                         "model": bundle.name,
                         "version": bundle.version,
+                        **review_threshold(bundle),
                         **({"embedding": e.tolist()} if outputs.inputs.want_embedding else {}),
                     }
                     for p, e in zip(predictions, scores.embedding, strict=True)
@@ -572,7 +578,7 @@ class BodyPartModel(Model):  # type: ignore[misc]
             MODEL_NAME,
             result,
             model_version=bundle.version,
-            parameters={"labels": ",".join(bundle.labels)},
+            parameters={"labels": ",".join(bundle.labels), **review_threshold(bundle)},
         )
 
     def get_input_types(self) -> list[dict[str, Any]]:

@@ -17,3 +17,6 @@ EXTRA_OUTPUTS = ("embedding", "image_statistics")
 SHADOW_OUTPUTS = ("shadow_label", "shadow_confidence", "shadow_version")
 """The challenger's answer when a model is in shadow (alias ``challenger``): logged, never routed by;
 absent from the answer when no challenger is loaded."""
+REVIEW_THRESHOLD = "review_threshold"
+"""A parameter of every answer of a model that has one: the confidence its collection-grouped
+cross-validation found to keep auto-routed accuracy at 99% (the router's ``below_confidence: model``)."""
