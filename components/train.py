@@ -23,12 +23,15 @@ def train(
     seed: int,
     recipe: str,
     tta: bool,
+    cv_by: str,
+    cv_folds: int,
     mlflow_tracking_uri: str,
     model: Output[Model],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
 ) -> None:
-    """Train one candidate (an architecture, or an ensemble ``a+b``); its bundle is the model artifact."""
+    """Train one candidate (an architecture, or an ensemble ``a+b``), cross-validated by ``cv_by`` first
+    when given; its bundle is the model artifact."""
     from dicom_router import LABELS
     from dicom_router.steps import step_settings, training
 
@@ -44,6 +47,8 @@ def train(
         seed=seed,
         recipe=recipe,
         tta=tta,
+        cv_by=cv_by,
+        cv_folds=cv_folds,
     )
     model.metadata.update({"arch": summary["arch"], "run_id": summary["run_id"]})
     for name, value in training.metrics_of(summary["report"]).items():

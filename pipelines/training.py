@@ -40,6 +40,8 @@ def build(base_image: str, resources: Resources) -> Any:
         seed: int = 0,
         recipe: str = "scratch",
         tta: bool = False,
+        cv_by: str = "",
+        cv_folds: int = 3,
         objects_per_shard: int = 2000,
         max_shards: int = 16,
         mlflow_tracking_uri: str = "",
@@ -62,6 +64,11 @@ def build(base_image: str, resources: Resources) -> Any:
             seed: split, sampling and weight seed (one split shared by all candidates).
             recipe: named training recipe: ``scratch`` or ``fine-tune`` (ImageNet weights, warm-up, ...).
             tta: bundles average each image with its mirror image.
+            cv_by: a catalog column (``site_id``, or one labels.csv carries such as ``source``): each
+                candidate is first cross-validated with folds grouped by it, and its bundle brings the
+                temperature and the review threshold for 99% auto-routed accuracy found there (the
+                router's ``below_confidence: model``); empty: none (the rules' fallback, 0.97).
+            cv_folds: folds of that cross-validation (at least 2).
             objects_per_shard: ingest fan-out: one shard per this many objects.
             max_shards: ingest fan-out: at most this many shards.
             mlflow_tracking_uri: MLflow tracking server; empty means the deployment's.
@@ -108,6 +115,8 @@ def build(base_image: str, resources: Resources) -> Any:
                     seed=seed,
                     recipe=recipe,
                     tta=tta,
+                    cv_by=cv_by,
+                    cv_folds=cv_folds,
                     mlflow_tracking_uri=mlflow_tracking_uri,
                 ),
                 cpu=resources.train_cpu,

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import yaml
 
@@ -18,7 +19,7 @@ from dicom_router.catalog import ingest, read_catalog, shard_of
 from dicom_router.config import REPO_ROOT, Settings
 from dicom_router.deployment import CONFIG_KEYS, CONFIG_MAP, PIPELINE_SECRETS, config_env
 from dicom_router.kfp_runs import COMPILED_DIR, PIPELINES, compile_pipelines, run_local
-from dicom_router.registry import connect, history, load_bundle
+from dicom_router.registry import CANDIDATES_EXPERIMENT, connect, history, load_bundle
 from dicom_router.steps.ingest import ingest_shard, merge_catalogs, plan_shards, read_ingest_result
 from dicom_router.steps.release import GateChanged, gate, promote_version
 from dicom_router.storage import S3Store, open_store, s3_connection, upload_folder
@@ -220,6 +221,8 @@ def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promo
             "batch_size": 16,
             "recipe": "fine-tune",
             "tta": True,
+            "cv_by": "site_id",  # each candidate is cross-validated across the two hospitals first
+            "cv_folds": 2,
             "objects_per_shard": 20,
         },
         settings,
@@ -250,6 +253,16 @@ def test_local_training_pipeline_catalogs_fine_tunes_an_ensemble_registers_promo
     assert bundle.card["tta"] is True  # the recipe ran: ImageNet weights, flips in the graph
     members = bundle.card.get("members", [bundle.card])
     assert all(m["init_source"].startswith(("package:", "file:")) for m in members)
+    # the cross-validation by site chose the threshold the router holds this model to, and its temperature
+    runs = mlflow.search_runs(
+        experiment_names=[CANDIDATES_EXPERIMENT], filter_string="run_name LIKE 'cv-site_id-2-%'"
+    )
+    assert {
+        "cv-site_id-2-tf_efficientnet_lite0",
+        "cv-site_id-2-tf_efficientnet_lite0+mobilenetv2_100",
+    } <= set(runs["tags.mlflow.runName"])
+    assert bundle.review_threshold is not None and 0.0 <= bundle.review_threshold <= 1.0
+    assert client.get_run(str(version.run_id)).data.params["temperature_from"] == "cross-validation"
     assert str(client.get_model_version_by_alias("bodypart-router", "champion").version) == "1"
     assert [d["candidate"]["version"] for d in history(settings)] == ["1"]
 

@@ -57,7 +57,7 @@ from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.novelty import Novelty, fit_novelty, novelty_of
 from dicom_router.registry import CANDIDATES_EXPERIMENT, experiment, register_bundle
 from dicom_router.report.render import write_frame_report
-from dicom_router.routing.rules import Review
+from dicom_router.routing.rules import EXAMPLE_RULES, Review, RoutingRules
 from dicom_router.synth import PROFILES, synthesize
 from dicom_router.train import TrainConfig, predict_scores, train_candidate
 from dicom_router.weights import Weights, resolve
@@ -706,6 +706,42 @@ def cross_validate(
                 _log_report("cv", report, probabilities, y, Path(tmp) / name, familiar)
         mlflow.log_dict({"variants": cv_table(reports)}, "cv_table.json")
     return reports
+
+
+def cross_validate_for_rules(
+    settings: Settings,
+    labelled: Labelled,
+    configs: Sequence[TrainConfig],
+    *,
+    group_by: str,
+    folds: int | None = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``cross_validate`` under the deployment's review rules (``DICOM_ROUTER_ROUTE_RULES``, else the
+    example's): their novelty check, and their fixed review threshold reported beside the 99% one (with
+    ``below_confidence: model`` the 99% one is what the trained model will bring)."""
+    review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review
+    return cross_validate(
+        settings,
+        labelled,
+        configs,
+        group_by=group_by,
+        folds=folds,
+        seed=seed,
+        review_threshold=review.fixed_threshold,
+        above_novelty=review.above_novelty,
+        progress=progress,
+    )
+
+
+def calibration_of(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """What cross-validation hands the final models (``train_candidates(calibration=…)``), by variant:
+    the cross-fitted temperature and the review threshold for 99% auto-routed accuracy."""
+    return {
+        name: {"temperature": r["temperature"], "review_threshold": r["abstention"]["threshold_for_target"]}
+        for name, r in reports.items()
+    }
 
 
 def _log_report(

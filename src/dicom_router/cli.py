@@ -372,8 +372,13 @@ def train(
     as_json: bool,
 ) -> int:
     """Train candidate CNNs, log each to MLflow with its persisted split, optionally register them."""
-    from dicom_router.candidates import cross_validate, initial_weights, load_labelled, train_candidates
-    from dicom_router.routing.rules import EXAMPLE_RULES, RoutingRules
+    from dicom_router.candidates import (
+        calibration_of,
+        cross_validate_for_rules,
+        initial_weights,
+        load_labelled,
+        train_candidates,
+    )
     from dicom_router.train import RECIPES, TrainConfig
     from dicom_router.weights import PretrainedUnavailable
 
@@ -430,25 +435,11 @@ def train(
     labelled = load_labelled(settings, catalog=catalog, data=data_dirs, collections=collections)
     cv: dict[str, dict[str, Any]] = {}
     if cv_by:
-        review = RoutingRules.load(settings.route_rules or EXAMPLE_RULES).review
-        cv = cross_validate(
-            settings,
-            labelled,
-            configs,
-            group_by=cv_by,
-            folds=folds,
-            seed=seed,
-            # ``model``: the threshold cross-validation finds is the one the trained model will bring
-            review_threshold=review.fixed_threshold,
-            above_novelty=review.above_novelty,
-        )
+        cv = cross_validate_for_rules(settings, labelled, configs, group_by=cv_by, folds=folds, seed=seed)
         if not as_json:
             for name, report in cv.items():
                 _print_report(f"{name}: {folds or 'leave-one-out'} folds grouped by {cv_by}", report)
-    calibration = {
-        name: {"temperature": r["temperature"], "review_threshold": r["abstention"]["threshold_for_target"]}
-        for name, r in cv.items()
-    }
+    calibration = calibration_of(cv)
     candidates, errors = train_candidates(
         settings,
         labelled,
@@ -1169,6 +1160,10 @@ def pipeline_compile(name: str | None) -> int:
 @click.option("--seed", type=int)
 @click.option("--recipe", help="Training recipe: scratch or fine-tune (ImageNet weights, warm-up, ...)")
 @click.option("--tta", is_flag=True, default=None, help="Bundles average each image with its mirror image")
+@click.option(
+    "--cv-by", help="Cross-validate each candidate first, folds grouped by this catalog column (e.g. site_id)"
+)
+@click.option("--cv-folds", type=click.IntRange(min=2), help="Folds of that cross-validation [default: 3]")
 @click.option("--objects-per-shard", type=click.IntRange(min=1), help="Ingest fan-out: objects per shard")
 @click.option("--max-shards", type=click.IntRange(min=1), help="Ingest fan-out: at most this many shards")
 @click.option("--gate-margin", type=click.FloatRange(min=0.0), help="Promotion gate's recall margin")
@@ -1190,6 +1185,8 @@ def pipeline_run(
     seed: int | None,
     recipe: str | None,
     tta: bool | None,
+    cv_by: str | None,
+    cv_folds: int | None,
     objects_per_shard: int | None,
     max_shards: int | None,
     gate_margin: float | None,
@@ -1216,6 +1213,8 @@ def pipeline_run(
         "seed": seed,
         "recipe": recipe,
         "tta": tta,
+        "cv_by": cv_by,
+        "cv_folds": cv_folds,
         "objects_per_shard": objects_per_shard,
         "max_shards": max_shards,
         "gate_margin": gate_margin,

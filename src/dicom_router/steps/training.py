@@ -69,13 +69,23 @@ def train_one(
     seed: int = 0,
     recipe: str = "scratch",
     tta: bool = False,
+    cv_by: str = "",
+    cv_folds: int = 3,
 ) -> dict[str, Any]:
     """One candidate on the catalog's persisted split: an architecture, or an ensemble ``a+b`` whose
     members train here one after the other (an MLflow run each, and one for the ensemble). Its bundle
-    goes to ``model_dir`` with ``candidate.json`` (run id, test metrics) beside it."""
+    goes to ``model_dir`` with ``candidate.json`` (run id, test metrics) beside it. With ``cv_by`` (a
+    catalog column, e.g. ``site_id``) a ``cv_folds``-fold cross-validation grouped by it runs first,
+    as ``train --cv-by`` does: its temperature and 99% review threshold go into the bundle's card, so
+    the router's ``below_confidence: model`` holds the candidate to what it did at unseen sites."""
     import mlflow
 
-    from dicom_router.candidates import load_labelled, train_candidates
+    from dicom_router.candidates import (
+        calibration_of,
+        cross_validate_for_rules,
+        load_labelled,
+        train_candidates,
+    )
 
     manifest = json.loads((Path(cache_dir) / CACHE_MANIFEST).read_text())
     settings = settings.model_copy(update={"cache_uri": manifest["cache_uri"]})
@@ -83,8 +93,23 @@ def train_one(
     configs = _recipe_configs(
         recipe, arch, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed
     )
+    cv = (
+        cross_validate_for_rules(
+            settings, labelled, configs, group_by=cv_by, folds=cv_folds, seed=seed, progress=False
+        )
+        if cv_by
+        else {}
+    )
     candidates, _ = train_candidates(
-        settings, labelled, configs, register=False, ensemble=True, tta=tta, seed=seed, progress=False
+        settings,
+        labelled,
+        configs,
+        register=False,
+        ensemble=True,
+        tta=tta,
+        calibration=calibration_of(cv),
+        seed=seed,
+        progress=False,
     )
     candidate = candidates[-1]  # the ensemble when there are several members
     with tempfile.TemporaryDirectory() as tmp:
