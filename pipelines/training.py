@@ -68,7 +68,7 @@ def build(base_image: str, resources: Resources) -> Any:
                 candidate is first cross-validated with folds grouped by it, and its bundle brings the
                 temperature and the review threshold for 99% auto-routed accuracy found there (the
                 router's ``below_confidence: model``); empty: none (the rules' fallback, 0.97).
-            cv_folds: folds of that cross-validation (at least 2).
+            cv_folds: folds of that cross-validation (at least 2; each task trains this many times more).
             objects_per_shard: ingest fan-out: one shard per this many objects.
             max_shards: ingest fan-out: at most this many shards.
             mlflow_tracking_uri: MLflow tracking server; empty means the deployment's.
