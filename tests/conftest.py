@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pydicom
 import pytest
 import yaml
@@ -19,6 +22,7 @@ import yaml
 from dicom_router import LABELS, stack
 from dicom_router.config import Settings
 from dicom_router.orthanc.send import dcmsend
+from dicom_router.routing.queue import RoutingQueue
 from tests.dicom_factory import dicom_bytes, dicom_dataset, to_bytes
 
 # Tests reach loopback only: timm's hub must fail at once instead of trying the network.
@@ -223,11 +227,47 @@ def routed_stack(
         stack.Process("destination", configured).stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, progress: Callable[[], object] | None = None
+) -> None:
+    """Wait for ``predicate``. With ``progress``, ``timeout`` bounds a stall, not the wait: the deadline
+    moves on whenever what ``progress()`` returns changes, since a busy CI machine is slow, not stuck."""
+    seen = progress() if progress else None
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if progress is not None and (now := progress()) != seen:
+            seen, deadline = now, time.monotonic() + timeout
+        stalled = f": nothing moved for {timeout:.0f} s, last {seen}" if progress else ""
+        assert time.monotonic() < deadline, f"timed out waiting for {what}{stalled}"
         time.sleep(0.2)
+
+
+def queue_progress(queue: RoutingQueue) -> tuple[object, ...]:
+    """What moves while routing works: rows per state, attempts spent, audit entries and the errors of
+    unfinished rows (which a failure message then quotes). Deferrals while the model server is away
+    change none of it, so an outage that never ends is a stall."""
+    with closing(sqlite3.connect(queue.path)) as db:
+        attempts, audited = db.execute(
+            "SELECT COALESCE(SUM(attempts), 0), (SELECT COUNT(*) FROM audit) FROM queue"
+        ).fetchone()
+        errors = db.execute(
+            "SELECT DISTINCT last_error FROM queue WHERE state != 'done' AND last_error IS NOT NULL"
+        ).fetchall()
+    return queue.counts(), attempts, audited, sorted(error for (error,) in errors)
+
+
+def wait_for_queue(settings: Settings, counts: dict[str, int], what: str, stall_s: float = 180.0) -> None:
+    """Wait until the queue's rows per state are ``counts`` as long as routing keeps moving; a stall
+    fails quoting the queue and the end of each router's log."""
+    queue = RoutingQueue(settings.routing_queue)
+    try:
+        wait_until(lambda: queue.counts() == counts, stall_s, what, progress=lambda: queue_progress(queue))
+    except AssertionError as stalled:
+        tails = [
+            f"{log.name} ends: " + " | ".join(log.read_text(errors="replace").splitlines()[-15:])
+            for log in sorted((settings.stack_dir / "logs").glob("router*.log"))
+        ]
+        raise AssertionError("\n".join([str(stalled), *tails])) from None
 
 
 def configure(monkeypatch: pytest.MonkeyPatch, rules: Path, document: dict[str, Any], **env: str) -> Settings:
@@ -244,11 +284,29 @@ def received_by(folder: Path) -> Counter[str]:
 
 
 def storescp(folder: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
-    """dcmtk's receiver writing every object it gets to a file of its own: it never de-duplicates."""
+    """dcmtk's receiver writing every object it gets to a file of its own: it never de-duplicates.
+    Returned once it listens, so no forward meets a closed port and spends its attempts."""
     folder.mkdir(parents=True, exist_ok=True)
     argv = ["storescp", "+xa", "--aetitle", aet, "--output-directory", str(folder), "--unique-filenames"]
     argv.append(str(port))
-    return subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    log = folder.with_name(f"{folder.name}.storescp.log")
+    with log.open("wb") as out:
+        receiver = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    while not _listens(receiver.pid, port):
+        if receiver.poll() is not None:
+            reason = log.read_text(errors="replace").strip()
+            raise AssertionError(f"storescp on port {port} exited with {receiver.returncode}: {reason}")
+        time.sleep(0.05)
+    return receiver
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether ``pid`` itself listens on ``port`` (another process holding it would make ours exit)."""
+    try:
+        sockets = psutil.Process(pid).connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets)
 
 
 PHI_KEYWORDS = (

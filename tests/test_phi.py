@@ -18,9 +18,8 @@ from pydicom.uid import generate_uid
 from dicom_router import stack
 from dicom_router.config import Settings
 from dicom_router.monitoring.inference_log import read_inference_log
-from dicom_router.routing.queue import RoutingQueue
 from dicom_router.synth import synthesize
-from tests.conftest import run_cli, send, wait_until
+from tests.conftest import run_cli, send, wait_for_queue
 
 PHI = {
     "PatientName": "Doe^Jane Quincy",
@@ -121,8 +120,7 @@ def test_phi_routed_through_orthanc_the_server_and_the_inference_log_reaches_no_
     settings = Settings()
     stack.router_up(settings)
     send(export, stack.orthanc_status(settings)["dicom_port"])
-    queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts() == {"done": 25}, 300, "the 25 instances routed")
+    wait_for_queue(settings, {"done": 25}, "the 25 instances routed")
 
     leaks: list[str] = []
     orthanc = stack.orthanc_client(settings)

@@ -24,7 +24,17 @@ from dicom_router.routing import review
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.routing.rules import RoutingRules, Subject, decide
 from dicom_router.synth import synthesize
-from tests.conftest import configure, phi_values, received_by, run_cli, send, storescp, wait_until
+from tests.conftest import (
+    configure,
+    phi_values,
+    queue_progress,
+    received_by,
+    run_cli,
+    send,
+    storescp,
+    wait_for_queue,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -175,7 +185,7 @@ def test_review_labels_from_the_cli_the_api_and_orthanc_reach_their_destination_
         send(tmp_path / "cr", port)
         send(tmp_path / "dx", port)
         queue = RoutingQueue(settings.routing_queue)
-        wait_until(lambda: queue.counts() == {"done": 7}, 180, "7 instances routed")
+        wait_for_queue(settings, {"done": 7}, "7 instances routed")
 
         listed = run_cli("review", "list", "--json")
         assert listed.returncode == 0, listed.stderr
@@ -208,13 +218,18 @@ def test_review_labels_from_the_cli_the_api_and_orthanc_reach_their_destination_
         orthanc.set_metadata("instances", fourth_id, "BodyPartReviewed", "spine")  # in Orthanc Explorer
         misrouted = run_cli("review", "label", str(auto.sop_hash), wrong, "--reviewer", "carol")
         assert misrouted.returncode == 0, misrouted.stderr
-        wait_until(lambda: len(queue.corrections()) == 5, 60, "the label set in Orthanc taken")
-        wait_until(lambda: queue.counts() == {"done": 7}, 120, "the corrected instances routed")
+        wait_until(
+            lambda: len(queue.corrections()) == 5,
+            120,
+            "the label set in Orthanc taken",
+            progress=lambda: queue_progress(queue),
+        )
+        wait_for_queue(settings, {"done": 7}, "the corrected instances routed")
         again = run_cli(
             "review", "label", first, "spine", "--reviewer", "dave"
         )  # a second opinion, same label
         assert again.returncode == 0
-        wait_until(lambda: queue.counts() == {"done": 7}, 60, "the second opinion routed")
+        wait_for_queue(settings, {"done": 7}, "the second opinion routed")
         missing = run_cli("review", "accept", "no-such-hash")
         assert missing.returncode == 2 and "UnknownInstance" in missing.stderr
     finally:

@@ -39,6 +39,7 @@ from dicom_router.synth import synthesize
 from tests.conftest import (
     configure,
     familiar_bundle,
+    queue_progress,
     received_by,
     rules_for,
     run_cli,
@@ -46,6 +47,7 @@ from tests.conftest import (
     storescp,
     unfamiliar_dicom,
     untrained_bundle,
+    wait_for_queue,
     wait_until,
 )
 from tests.dicom_factory import dicom_dataset
@@ -83,7 +85,12 @@ def test_every_instance_is_routed_exactly_once_through_outages(
     send(batches[0], port)
     stack.Process("model_server", settings).stop()  # the model server goes down mid-stream
     send(batches[1], port)
-    wait_until(lambda: _waiting(queue, _ids(settings)), 30, "instances waiting for the model server")
+    wait_until(
+        lambda: _waiting(queue, _ids(settings)),
+        120,
+        "instances waiting for the model server",
+        progress=lambda: queue_progress(queue),
+    )
     stack.model_server_up(settings)
     stack.Process("router", settings).stop()  # and the worker restarts while instances arrive
     send(batches[2], port)
@@ -91,8 +98,13 @@ def test_every_instance_is_routed_exactly_once_through_outages(
 
     orthanc = stack.orthanc_client(settings)
     total = 8 + 8 + 4 + 3
-    wait_until(lambda: len(orthanc.instances()) == total, 30, "all instances stored")
-    wait_until(lambda: queue.counts().get("done") == total, 120, f"all routed ({queue.counts()})")
+    wait_until(
+        lambda: len(orthanc.instances()) == total,
+        60,
+        "all instances stored",
+        progress=lambda: len(orthanc.instances()),
+    )
+    wait_for_queue(settings, {"done": total}, "all routed")
 
     rules = RoutingRules.load(settings.route_rules)  # type: ignore[arg-type]
     destination = stack.orthanc_client(settings, "destination")
@@ -272,7 +284,7 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
     for folder in ("good", "poison", "late"):
         send(tmp_path / folder, port)
     queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts() == {"done": 51, "dead": 1}, 240, "51 routed and 1 dead letter")
+    wait_for_queue(settings, {"done": 51, "dead": 1}, "51 routed and 1 dead letter")
 
     by_error = {i: orthanc.metadata("instances", i).get("RoutingError", "") for i in orthanc.instances()}
     (killer,) = [i for i, e in by_error.items() if e.startswith("InvalidPixelData")]
@@ -294,19 +306,15 @@ def test_a_decoder_killing_instance_and_an_undeliverable_one_end_in_review_and_n
     (letter,) = json.loads(listed.stdout)
     assert letter["instance_id"] == late and letter["attempts"] == 3 and len(letter["sop_hash"]) >= 16
     receiver = tmp_path / "received"
-    receiver.mkdir()
-    storescp = subprocess.Popen(
-        ["storescp", "+xa", "--aetitle", "LATE", "--output-directory", str(receiver), str(offline_port)],
-        stderr=subprocess.DEVNULL,
-    )
+    late_destination = storescp(receiver, offline_port, "LATE")
     try:
         replayed = run_cli("route", "--replay", letter["sop_hash"], "--json")
         assert replayed.returncode == 0 and json.loads(replayed.stdout) == {"replayed": [late]}
-        wait_until(lambda: queue.counts() == {"done": 52}, 120, "the replayed letter delivered")
+        wait_for_queue(settings, {"done": 52}, "the replayed letter delivered")
         assert len(list(receiver.iterdir())) == 1
     finally:
-        storescp.terminate()
-        storescp.wait()
+        late_destination.terminate()
+        late_destination.wait()
 
 
 def test_the_router_sends_a_view_unlike_the_training_images_to_review_and_orthanc_says_why(
@@ -324,7 +332,7 @@ def test_the_router_sends_a_view_unlike_the_training_images_to_review_and_orthan
     for folder in ("seen", "odd"):
         send(tmp_path / folder, port)
     queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts() == {"done": 13}, 180, "13 instances routed")
+    wait_for_queue(settings, {"done": 13}, "13 instances routed")
 
     orthanc = stack.orthanc_client(settings)
     novelty = {i: float(orthanc.metadata("instances", i)["BodyPartNovelty"]) for i in orthanc.instances()}
@@ -369,7 +377,7 @@ def test_by_default_the_router_holds_each_prediction_to_its_models_own_review_th
     stack.router_up(settings)
     send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
     queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts() == {"done": 12}, 180, "12 instances routed")
+    wait_for_queue(settings, {"done": 12}, "12 instances routed")
 
     orthanc = stack.orthanc_client(settings)
     items = [queue.get(i) for i in orthanc.instances()]
@@ -433,8 +441,7 @@ def test_two_routers_a_kill_and_a_model_server_restart_deliver_each_instance_exa
         stack.model_server_up(settings)
         stack.router_up(settings, name="router-b")
         send(batches[3], orthanc_port)
-        queue = RoutingQueue(settings.routing_queue)
-        wait_until(lambda: queue.counts() == {"done": 200}, 300, "200 delivered")
+        wait_for_queue(settings, {"done": 200}, "200 delivered")
     finally:
         stack.Process("router-b", settings).stop()
         receiver.terminate()
@@ -458,7 +465,7 @@ def test_a_lost_store_answer_is_confirmed_from_orthancs_jobs_and_a_deleted_insta
     send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
     orthanc = stack.orthanc_client(settings)
     queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts().get("pending") == 3, 30, "the instances queued")
+    wait_for_queue(settings, {"pending": 3}, "the instances queued")
     rules = RoutingRules.load(settings.route_rules)  # type: ignore[arg-type]
     router = Router(settings, rules, orthanc, ModelClient(stack.model_server_url(settings)), queue)
     router.ensure_destinations()

@@ -16,7 +16,7 @@ from dicom_router.monitoring.compare import compare, mean_ci
 from dicom_router.monitoring.inference_log import read_inference_log
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.synth import synthesize
-from tests.conftest import phi_values, run_cli, send, untrained_bundle, wait_until
+from tests.conftest import phi_values, run_cli, send, untrained_bundle, wait_for_queue, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_the_router_routes_by_the_champion_and_logs_the_challengers_answer_besid
     stack.router_up(settings)
     send(tmp_path / "in", stack.orthanc_status(settings)["dicom_port"])
     queue = RoutingQueue(settings.routing_queue)
-    wait_until(lambda: queue.counts() == {"done": 12}, 180, "12 instances routed")
+    wait_for_queue(settings, {"done": 12}, "12 instances routed")
     wait_until(lambda: len(read_inference_log(log_prefix, settings)) == 12, 60, "12 log records")
     frame = read_inference_log(log_prefix, settings)
     assert frame["shadow_label"].notna().all() and set(frame["shadow_version"]) == {"bodypart-router/local"}
@@ -99,7 +99,7 @@ def test_the_router_routes_by_the_champion_and_logs_the_challengers_answer_besid
     reviewed = queue.finished()[:3]
     for item in reviewed:
         assert run_cli("review", "label", str(item.sop_hash), "spine", "--reviewer", "r").returncode == 0
-    wait_until(lambda: queue.counts() == {"done": 12}, 60, "the reviewed instances routed again")
+    wait_for_queue(settings, {"done": 12}, "the reviewed instances routed again")
     page = tmp_path / "compare.html"
     result = run_cli("compare", "--since", "1d", "--out", str(page), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
