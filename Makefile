@@ -10,7 +10,7 @@ LINT_PATHS := src components pipelines tests bench
 
 SHARED ?= $(or $(DICOM_ROUTER_SHARED_DIR),../shared)
 REAL_DATA := --data $(SHARED)/xray-real --data $(SHARED)/xray-more --collections training/shared-collections.csv
-REAL_TRAIN ?= --recipe fine-tune --arch mobilenetv2_100
+REAL_TRAIN ?= --recipe fine-tune --arch mobilenetv2_100 --arch mobilenetv1_100 --ensemble
 
 .PHONY: help venv system-deps tools pipelines lint test deploy-test gpu-image demo train-real lock clean
 

@@ -38,7 +38,7 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
         {"image_size": 128, "epochs": 30, "patience": 15, "equalize": True},
     ),
     "fine-tune": (("tf_efficientnet_lite0", "mobilenetv2_100"), "fine-tune", {}),
-    "fine-tune-mobilenetv2": (("mobilenetv2_100",), "fine-tune", {}),  # what make train-real promotes
+    "fine-tune-mobilenetv2": (("mobilenetv2_100",), "fine-tune", {}),  # make train-real's until 2026-12-03
     "fine-tune-light-augment": (("tf_efficientnet_lite0",), "fine-tune", {"views": False}),
     "fine-tune-lite0": (("tf_efficientnet_lite0",), "fine-tune", {}),
     "fine-tune-synthetic": (
@@ -79,6 +79,7 @@ RECIPES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     # one run, paired on the same folds: each member alone and the two in one graph
     "fine-tune-mobilenetv2-lite2": (("mobilenetv2_100", "tf_efficientnet_lite2"), "fine-tune", {}),
     "fine-tune-mobilenetv1": (("mobilenetv1_100",), "fine-tune", {}),
+    # what make train-real promotes: the two in one graph (each member alone, paired on the same folds)
     "fine-tune-mobilenetv2-v1": (("mobilenetv2_100", "mobilenetv1_100"), "fine-tune", {}),
     "fine-tune-mobilenetv2-224": (("mobilenetv2_100",), "fine-tune", {"image_size": 224}),  # the former
     # what ImageNet adds: the recipe's size, views and equalisation from random weights, trained longer

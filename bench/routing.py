@@ -47,7 +47,7 @@ from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
 from dicom_router.train import recipe_config
 
-RECIPE_MEMBERS = ("mobilenetv2_100",)
+RECIPE_MEMBERS = ("mobilenetv2_100", "mobilenetv1_100")
 """What ``make train-real`` promotes (Makefile ``REAL_TRAIN``): these members (one graph when several)."""
 
 

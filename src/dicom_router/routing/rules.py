@@ -43,7 +43,7 @@ MODEL_THRESHOLD: Final = "model"
 FALLBACK_BELOW_CONFIDENCE = 0.97
 """The review threshold for a model that brings none (trained without cross-validation): the highest
 of the thresholds that kept auto-routed accuracy at 99% in three deals of collection-grouped
-cross-validation of the ``make train-real`` model (README, "Training")."""
+cross-validation of MobileNet-V2, the model ``make train-real`` promoted then (README, "Training")."""
 
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # DICOM default repertoire, no backslash or controls
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # safe in Orthanc metadata, URLs and file names
