@@ -44,14 +44,16 @@ from pathlib import Path
 
 import torch
 
-from dicom_router.models import BodyPartNet, export_bundle
+from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.synth import synthesize
 from dicom_router.train import recipe_config
 
 work = Path(sys.argv[1])
 torch.manual_seed(0)
-config = recipe_config("fine-tune", arch="mobilenetv2_100")  # the shape make train-real promotes
-export_bundle(BodyPartNet(config.arch).eval(), config.preprocess, {}, work / "bundle")
+# the shape make train-real promotes: MobileNet-V2 and MobileNet-V1 in one graph, the recipe's input
+config = recipe_config("fine-tune", arch="mobilenetv2_100")
+members = [BodyPartNet(arch).eval() for arch in ("mobilenetv2_100", "mobilenetv1_100")]
+export_bundle(Scorer(members), config.preprocess, {}, work / "bundle")
 synthesize(work / "dicom", 4, seed=5, long_side_px=256)
 PY
 chmod -R a+rX "$WORK"
