@@ -42,18 +42,13 @@ log "serving a bundle from the image (no GPU here: ONNX Runtime falls back to th
 import sys
 from pathlib import Path
 
-import torch
-
-from dicom_router.models import BodyPartNet, Scorer, export_bundle
 from dicom_router.synth import synthesize
-from dicom_router.train import recipe_config
+
+sys.path.insert(0, "bench")
+from routing import RECIPE_MEMBERS, untrained_bundle  # noqa: E402  (the benchmark's bundle, not a copy)
 
 work = Path(sys.argv[1])
-torch.manual_seed(0)
-# the shape make train-real promotes: MobileNet-V2 and MobileNet-V1 in one graph, the recipe's input
-config = recipe_config("fine-tune", arch="mobilenetv2_100")
-members = [BodyPartNet(arch).eval() for arch in ("mobilenetv2_100", "mobilenetv1_100")]
-export_bundle(Scorer(members), config.preprocess, {}, work / "bundle")
+untrained_bundle(RECIPE_MEMBERS, None, work)  # the shape make train-real promotes, at work/bundle
 synthesize(work / "dicom", 4, seed=5, long_side_px=256)
 PY
 chmod -R a+rX "$WORK"
