@@ -45,10 +45,7 @@ from dicom_router.orthanc.send import dcmsend
 from dicom_router.routing.queue import RoutingQueue
 from dicom_router.serving.client import ModelClient
 from dicom_router.synth import synthesize
-from dicom_router.train import recipe_config
-
-RECIPE_MEMBERS = ("mobilenetv2_100", "mobilenetv1_100")
-"""What ``make train-real`` promotes (Makefile ``REAL_TRAIN``): these members (one graph when several)."""
+from dicom_router.train import RECIPE_ARCHS, recipe_config
 
 
 def fresh_copy(source: Path, out: Path, only: str = "*.dcm") -> Path:
@@ -240,7 +237,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--arch", action="append", help=f"Members, averaged (default: {'+'.join(RECIPE_MEMBERS)})"
+        "--arch", action="append", help=f"Members, averaged (default: {'+'.join(RECIPE_ARCHS['fine-tune'])})"
     )
     parser.add_argument("--image-size", type=int, help="Input size (default: the fine-tune recipe's)")
     parser.add_argument(
@@ -259,7 +256,9 @@ def main() -> None:
             source = work / "synth"
             synthesize(source, 200, seed=1)
         print(f"files: {source} ({len(list(source.rglob('*.dcm')))} DICOM)")
-        bundle_dir = args.bundle or untrained_bundle(args.arch or RECIPE_MEMBERS, args.image_size, work)
+        bundle_dir = args.bundle or untrained_bundle(
+            args.arch or RECIPE_ARCHS["fine-tune"], args.image_size, work
+        )
         print(f"model: {json.loads((bundle_dir / 'card.json').read_text()).get('arch')} ({bundle_dir})")
         settings = settings.model_copy(update={"model_uri": str(bundle_dir)})
         os.environ["DICOM_ROUTER_MODEL_URI"] = str(bundle_dir)

@@ -79,6 +79,22 @@ def test_pretrained_with_no_source_is_a_usage_error_naming_what_was_tried(tmp_pa
     assert "Traceback" not in result.stderr
 
 
+def test_each_recipe_trains_its_own_members_when_no_arch_is_named(tmp_path: Path, weights_dir: Path) -> None:
+    only_v2 = tmp_path / "weights"
+    only_v2.mkdir()
+    [file] = weights_dir.glob("mobilenetv2_100.*.safetensors")
+    (only_v2 / file.name).symlink_to(file)
+    env = {"DICOM_ROUTER_WEIGHTS_DIR": str(only_v2)}
+    # fine-tune's first member (MobileNet-V2) resolves from the folder, so the refusal names its second
+    fine_tune = run_cli("train", "--data", str(tmp_path), "--recipe", "fine-tune", env=env)
+    assert fine_tune.returncode == 64, fine_tune.stderr[-2000:]
+    assert "no ImageNet weights for mobilenetv1_100" in fine_tune.stderr
+    assert "mobilenetv2_100 starts from file:" in fine_tune.stderr
+    scratch = run_cli("train", "--data", str(tmp_path), "--pretrained", env=env)
+    assert scratch.returncode == 64 and "no ImageNet weights for mobilenetv1_100" in scratch.stderr
+    assert "mobilenetv2_100" not in scratch.stderr
+
+
 def test_a_pretrained_candidate_records_its_weights_in_mlflow_and_the_card(
     tmp_path: Path, settings: Settings, weights_dir: Path
 ) -> None:

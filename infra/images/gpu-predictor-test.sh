@@ -43,12 +43,13 @@ import sys
 from pathlib import Path
 
 from dicom_router.synth import synthesize
+from dicom_router.train import RECIPE_ARCHS
 
 sys.path.insert(0, "bench")
-from routing import RECIPE_MEMBERS, untrained_bundle  # noqa: E402  (the benchmark's bundle, not a copy)
+from routing import untrained_bundle  # noqa: E402  (the benchmark's bundle, not a copy)
 
 work = Path(sys.argv[1])
-untrained_bundle(RECIPE_MEMBERS, None, work)  # the shape make train-real promotes, at work/bundle
+untrained_bundle(RECIPE_ARCHS["fine-tune"], None, work)  # the shape make train-real promotes, at work/bundle
 synthesize(work / "dicom", 4, seed=5, long_side_px=256)
 PY
 chmod -R a+rX "$WORK"

@@ -262,7 +262,11 @@ class _Folds(click.ParamType):  # type: ignore[type-arg]
     help="CSV source,collection: sources that are one collection (a 'collection' column for --cv-by)",
 )
 @click.option(
-    "--arch", "archs", multiple=True, help="timm architecture (repeatable); default mobilenetv1_100"
+    "--arch",
+    "archs",
+    multiple=True,
+    help="timm architecture (repeatable); default: the recipe's (scratch: MobileNet-V1; fine-tune: "
+    "the pair make train-real promotes)",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True)
@@ -379,7 +383,7 @@ def train(
         load_labelled,
         train_candidates,
     )
-    from dicom_router.train import RECIPES, TrainConfig
+    from dicom_router.train import RECIPE_ARCHS, RECIPES, TrainConfig
     from dicom_router.weights import PretrainedUnavailable
 
     if (catalog is None) == (not data_dirs):
@@ -418,7 +422,7 @@ def train(
     }
     configs = [
         TrainConfig(**{**given, **RECIPES[recipe], **explicit}, arch=arch, metadata=meta)
-        for arch in archs or ("mobilenetv1_100",)
+        for arch in archs or RECIPE_ARCHS[recipe]
         for meta in ((False, True) if fusion else (False,))
     ]
     for config in configs:

@@ -116,6 +116,14 @@ chose for small real data (bench/recipes.py): ImageNet weights, the head first, 
 0.3x the learning rate with its stem frozen, site/view augmentation, 288 px (averaging the weights,
 ``average_epochs``, failed the adoption rule on the third deal: README)."""
 
+RECIPE_ARCHS: dict[str, tuple[str, ...]] = {
+    "scratch": ("mobilenetv1_100",),
+    "fine-tune": ("mobilenetv2_100", "mobilenetv1_100"),
+}
+"""The architectures a recipe trains when none is named. ``fine-tune``'s pair is what ``make train-real``
+averages in one graph (``--ensemble``) and promotes: ahead of MobileNet-V2 alone over four paired deals
+of collection-grouped CV and leaving one collection out (README), so benchmarks read the members here."""
+
 
 def recipe_config(recipe: str, **fields: Any) -> TrainConfig:
     """A TrainConfig from a named recipe, ``fields`` overriding it."""
