@@ -74,8 +74,8 @@ demo: $(STAMP) system-deps
 # and the review threshold for 99% auto-routed accuracy), then the fine-tune recipe's members (the pair
 # MobileNet-V2 and MobileNet-V1, RECIPE_ARCHS in src/dicom_router/train.py, which the benchmarks read too)
 # fine-tuned on the usual patient-grouped split and averaged in one graph (REAL_TRAIN), registered, and
-# through the gate. (The pair beat MobileNet-V2 alone over four deals of the folds and
-# leave-one-collection-out; flip TTA would double its CPU time for 0.004 on average; README.)
+# through the gate. (The pair beat MobileNet-V2 alone over five deals of the folds and
+# leave-one-collection-out; flip TTA would double its CPU time for 0.003 on average; README.)
 train-real: $(STAMP)
 	DICOM_ROUTER_WEIGHTS_DIR=$${DICOM_ROUTER_WEIGHTS_DIR:-$(SHARED)/weights} \
 	  $(BIN)/dicom-router train $(REAL_DATA) $(REAL_TRAIN) --cv-by collection --register

@@ -121,7 +121,7 @@ RECIPE_ARCHS: dict[str, tuple[str, ...]] = {
     "fine-tune": ("mobilenetv2_100", "mobilenetv1_100"),
 }
 """The architectures a recipe trains when none is named. ``fine-tune``'s pair is what ``make train-real``
-averages in one graph (``--ensemble``) and promotes: ahead of MobileNet-V2 alone over four paired deals
+averages in one graph (``--ensemble``) and promotes: ahead of MobileNet-V2 alone over five paired deals
 of collection-grouped CV and leaving one collection out (README), so benchmarks read the members here."""
 
 
